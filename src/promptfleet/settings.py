@@ -1,0 +1,82 @@
+"""Process configuration, read from ``PROMPTFLEET_*`` environment variables.
+
+Only the service layers (api, trainer, cli) read settings; the engine takes plain
+dataclass configs built from them.
+"""
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="PROMPTFLEET_", extra="ignore")
+
+    # --- storage and services
+    data_dir: Path = Field(default=Path(".promptfleet"), description="Blobs, SQLite file, embedded broker.")
+    database_url: str | None = Field(default=None, description="SQLAlchemy URL; default SQLite in data_dir.")
+    broker_url: str | None = Field(default=None, description="Celery broker; default an embedded SQLite broker.")
+    result_backend: str | None = None
+    admin_key: str = Field(default="pf-admin-dev", description="Bearer key for /admin.")
+
+    # --- model / engine
+    model: str = Field(default="", description="GPT-2 checkpoint directory (or hub id when reachable).")
+    model_id: str = Field(default="gpt2", description="Name the base model is listed under in /v1/models.")
+    device: str = "cpu"
+    dtype: str | None = None  # default: float32 on CPU, float16 on CUDA
+    max_batch_size: int = 64
+    kv_cache_mb: int = 2048
+    max_queue: int = 512
+    max_model_len: int = 1024
+    adapter_cache_mb: int = 256
+
+    # --- API limits
+    max_prompt_tokens: int = 768
+    max_tokens_limit: int = 512
+    tenant_max_concurrent: int = 64
+    tenant_rate_per_s: float = 50.0
+    tenant_rate_burst: int = 100
+    max_upload_mb: int = 64
+    max_dataset_mb: int = 32
+    generation_cache_size: int = 1024
+    generation_cache_enabled: bool = True
+
+    # --- trainer
+    embedded_worker: bool = True
+    tenant_max_running_jobs: int = 2
+    job_heartbeat_s: float = 5.0
+    job_stale_after_s: float = 60.0
+
+    # --- logging
+    log_json: bool = False
+    log_level: str = "INFO"
+
+    def resolved_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / 'promptfleet.db').resolve()}"
+
+    def resolved_broker_url(self) -> str:
+        if self.broker_url:
+            return self.broker_url
+        return f"sqla+sqlite:///{(self.data_dir / 'broker.db').resolve()}"
+
+    def resolved_result_backend(self) -> str:
+        if self.result_backend:
+            return self.result_backend
+        if self.broker_url and self.broker_url.startswith("redis"):
+            return self.broker_url
+        return f"db+sqlite:///{(self.data_dir / 'results.db').resolve()}"
+
+    @property
+    def blob_dir(self) -> Path:
+        return self.data_dir / "blobs"
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings (FastAPI dependency; tests pass their own Settings)."""
+    return Settings()

@@ -1,0 +1,74 @@
+"""Our GPT-2 against transformers.GPT2LMHeadModel on the same weights."""
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import GPT2LMHeadModel
+
+from promptfleet.platform.config import ModelConfig, resolve_dtype
+from promptfleet.platform.model import DenseCache
+from promptfleet.platform.random_checkpoint import make_random_checkpoint
+from promptfleet.platform.tokenizer import load_tokenizer
+from promptfleet.platform.weights import load_gpt2
+
+
+def _ours_logits(model, ids: torch.Tensor) -> torch.Tensor:
+    cache = DenseCache(model.config.n_layer)
+    pos = torch.arange(ids.shape[1])[None].expand_as(ids)
+    return model.logits(model(ids, pos, cache))
+
+
+@pytest.mark.parametrize("shape", ["tiny", "small-test"])
+def test_logits_match_transformers(tmp_path, shape):
+    ckpt = make_random_checkpoint(tmp_path / shape, shape=shape, seed=7)  # unscaled: HF's own init
+    ref = GPT2LMHeadModel.from_pretrained(ckpt).eval()
+    ours = load_gpt2(ckpt)
+    ids = torch.randint(0, 50257, (3, 17), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = ref(ids).logits
+    got = _ours_logits(ours, ids)
+    assert torch.allclose(got, want, atol=1e-4, rtol=0), (got - want).abs().max()
+
+
+def test_kv_cache_decode_matches_full_forward(tiny_checkpoint):
+    model = load_gpt2(tiny_checkpoint)
+    ids = torch.randint(0, 50257, (2, 12), generator=torch.Generator().manual_seed(1))
+    full = _ours_logits(model, ids)
+    cache = DenseCache(model.config.n_layer)
+    model(ids[:, :8], torch.arange(8)[None].expand(2, 8), cache)
+    steps = []
+    for t in range(8, 12):
+        hidden = model(ids[:, t:t + 1], torch.full((2, 1), t), cache)
+        steps.append(model.logits(hidden))
+    # multi-token chunk on top of a cache: the causal mask must be bottom-right aligned
+    cache2 = DenseCache(model.config.n_layer)
+    model(ids[:, :5], torch.arange(5)[None].expand(2, 5), cache2)
+    chunk = model.logits(model(ids[:, 5:], torch.arange(5, 12)[None].expand(2, 7), cache2))
+    assert torch.allclose(torch.cat(steps, 1), full[:, 8:], atol=1e-4)
+    assert torch.allclose(chunk, full[:, 5:], atol=1e-4)
+
+
+def test_config_refuses_other_models(tmp_path):
+    with pytest.raises(ValueError, match="model_type"):
+        ModelConfig.from_hf_dict({"model_type": "llama"})
+
+
+def test_dtypes():
+    assert resolve_dtype("cpu", None) == torch.float32
+    assert resolve_dtype("cpu", "bf16") == torch.bfloat16
+    with pytest.raises(ValueError, match="CUDA"):
+        resolve_dtype("cpu", "float16")
+
+
+def test_bfloat16_on_cpu_runs(tiny_checkpoint):
+    model = load_gpt2(tiny_checkpoint, dtype=torch.bfloat16)
+    fp32 = load_gpt2(tiny_checkpoint)
+    ids = torch.tensor([[15496, 995, 11, 314]])
+    a, b = _ours_logits(model, ids), _ours_logits(fp32, ids)
+    assert a.dtype == torch.float32 and torch.isfinite(a).all()
+    assert (a.argmax(-1) == b.argmax(-1)).float().mean() >= 0.75
+
+
+def test_tokenizer_is_real_gpt2_bpe(tiny_checkpoint):
+    assert load_tokenizer(None).encode("Hello world") == [15496, 995]
+    assert load_tokenizer(tiny_checkpoint).encode("Hello world") == [15496, 995]
