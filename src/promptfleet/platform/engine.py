@@ -1,0 +1,283 @@
+"""The serving engine: one shared GPT-2 backbone, a continuous-batching loop in its own
+thread, and an async API.
+
+    engine = Engine.from_pretrained("ckpt/", EngineConfig())
+    engine.add_adapter("support-bot", load_adapter_dir("peft_out/"))
+    async for delta in engine.generate("Hello", SamplingParams(max_tokens=32), adapter="support-bot"):
+        print(delta.text, end="")
+
+Each loop iteration admits waiting requests (prefilling them, prompt tokens only: an
+adapter's virtual tokens are copied from its shared prefix), then runs ONE decode step
+over every running sequence whatever its adapter.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from promptfleet.platform.adapter import AdapterPrefix, AdapterWeights, build_prefix
+from promptfleet.platform.config import EngineConfig, ModelConfig, resolve_dtype
+from promptfleet.platform.kv_cache import SlotBatch, SlotKVCache, flash_attn_available
+from promptfleet.platform.model import GPT2
+from promptfleet.platform.sampling import SamplingParams, sample
+from promptfleet.platform.scheduler import QueueFullError, RequestTooLargeError, Scheduler
+from promptfleet.platform.sequence import CompletionDelta, Sequence, SeqStatus
+from promptfleet.platform.tokenizer import load_tokenizer
+from promptfleet.platform.weights import load_gpt2, resolve_checkpoint
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Engine", "EngineStats", "QueueFullError", "RequestTooLargeError", "UnknownAdapterError"]
+
+
+class UnknownAdapterError(KeyError):
+    pass
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    running: int
+    waiting: int
+    kv_reserved_tokens: int
+    kv_budget_tokens: int
+    steps: int
+    tokens_generated: int
+    prompt_tokens: int
+
+
+class Engine:
+    def __init__(self, model: GPT2, tokenizer, config: EngineConfig | None = None) -> None:
+        self.config = config or EngineConfig()
+        self.model = model
+        self.tokenizer = tokenizer
+        self.model_config: ModelConfig = model.config
+        self.device = model.wte.weight.device
+        self.dtype = model.wte.weight.dtype
+        c = self.config
+        self.max_model_len = min(c.max_model_len or self.model_config.n_positions, self.model_config.n_positions)
+        backend = c.attention
+        if backend == "auto":
+            backend = "flash" if flash_attn_available(self.device) and self.dtype != torch.float32 else "sdpa"
+        self.attention_backend = backend
+        self.cache = SlotKVCache(self.model_config, max_slots=c.max_batch_size, max_len=self.max_model_len,
+                                 device=self.device, dtype=self.dtype, backend=backend,
+                                 prefill_pad=self.max_model_len if backend == "flash" else 0)
+        budget = max(1, c.kv_cache_bytes // self.cache.bytes_per_token)
+        self.scheduler = Scheduler(self.cache, max_batch_size=c.max_batch_size, budget_tokens=budget,
+                                   max_queue=c.max_queue, max_model_len=self.max_model_len)
+        self.adapters: dict[str, AdapterPrefix] = {}
+        self._inbox: list[tuple[str, object]] = []
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._pending = 0
+        self._rng = torch.Generator().manual_seed(0)
+        self._steps = self._generated = self._prompt_tokens = 0
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | Path, config: EngineConfig | None = None) -> "Engine":
+        config = config or EngineConfig()
+        path = resolve_checkpoint(name_or_path)
+        dtype = resolve_dtype(config.device, config.dtype)
+        if config.num_threads:
+            torch.set_num_threads(config.num_threads)
+        model = load_gpt2(path, device=config.device, dtype=dtype)
+        return cls(model, load_tokenizer(path), config)
+
+    # ------------------------------------------------------------------ adapters
+    def build_adapter(self, weights: AdapterWeights, key: str) -> AdapterPrefix:
+        """Validate ``weights`` against this backbone and compute its shared KV prefix."""
+        return build_prefix(self.model, weights, key)
+
+    def add_adapter(self, key: str, weights: AdapterWeights | AdapterPrefix) -> AdapterPrefix:
+        prefix = weights if isinstance(weights, AdapterPrefix) else self.build_adapter(weights, key)
+        self.adapters[key] = prefix
+        return prefix
+
+    def remove_adapter(self, key: str) -> None:
+        """Forget an adapter; requests already running on it keep their own copy and finish."""
+        self.adapters.pop(key, None)
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> None:
+        if self._thread is None or not self._thread.is_alive():
+            self._stopping = False
+            self._thread = threading.Thread(target=self._loop, name="promptfleet-engine", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        with self._wake:
+            self._stopping = True
+            self._wake.notify()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+        self._thread = None
+
+    def stats(self) -> EngineStats:
+        s = self.scheduler
+        return EngineStats(running=len(s.running), waiting=len(s.waiting) + self._pending,
+                           kv_reserved_tokens=s.reserved_tokens, kv_budget_tokens=s.budget_tokens,
+                           steps=self._steps, tokens_generated=self._generated, prompt_tokens=self._prompt_tokens)
+
+    # ------------------------------------------------------------------ public async API
+    def encode(self, prompt: str) -> list[int]:
+        return self.tokenizer.encode(prompt)
+
+    async def generate(self, prompt: str | list[int], params: SamplingParams | None = None,
+                       adapter: str | AdapterPrefix | None = None) -> AsyncIterator[CompletionDelta]:
+        """Stream the deltas of one request. Closing the iterator cancels the request."""
+        params = params or SamplingParams()
+        prefix = self._resolve_adapter(adapter)
+        ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        if not ids:
+            ids = [self.model_config.eos_token_id]  # GPT-2 convention for an empty prompt
+        if any((not isinstance(t, int)) or t < 0 or t >= self.model_config.vocab_size for t in ids):
+            raise ValueError(f"token ids must be integers in [0, {self.model_config.vocab_size})")
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[CompletionDelta] = asyncio.Queue()
+        seq = Sequence(prompt_ids=ids, params=params, adapter=prefix,
+                       emit=lambda d: loop.call_soon_threadsafe(queue.put_nowait, d),
+                       decode=self._decode, eos_token_id=self.model_config.eos_token_id,
+                       repetition=self.config.repetition)
+        self.scheduler.check_fits(seq)
+        self._submit(seq)
+        try:
+            while True:
+                delta = await queue.get()
+                if delta.error:
+                    raise RuntimeError(delta.error)
+                yield delta
+                if delta.finish_reason is not None:
+                    return
+        finally:
+            if seq.status is not SeqStatus.FINISHED:
+                self._post("abort", seq)
+
+    async def complete(self, prompt: str | list[int], params: SamplingParams | None = None,
+                       adapter: str | AdapterPrefix | None = None) -> CompletionDelta:
+        """The whole completion as one delta (text and tokens joined)."""
+        text, tokens, last = [], [], None
+        async for delta in self.generate(prompt, params, adapter):
+            text.append(delta.text)
+            tokens.extend(delta.token_ids)
+            last = delta
+        assert last is not None
+        return CompletionDelta("".join(text), tokens, last.finish_reason, last.prompt_tokens, last.completion_tokens)
+
+    def _resolve_adapter(self, adapter: str | AdapterPrefix | None) -> AdapterPrefix | None:
+        if adapter is None or isinstance(adapter, AdapterPrefix):
+            return adapter
+        try:
+            return self.adapters[adapter]
+        except KeyError:
+            raise UnknownAdapterError(f"adapter {adapter!r} is not loaded") from None
+
+    def _submit(self, seq: Sequence) -> None:
+        with self._wake:
+            if len(self.scheduler.waiting) + self._pending >= self.scheduler.max_queue:
+                raise QueueFullError(f"the waiting queue is full ({self.scheduler.max_queue} requests)")
+            self._pending += 1
+            self._inbox.append(("add", seq))
+            self._wake.notify()
+        self.start()
+
+    def _post(self, kind: str, seq: Sequence) -> None:
+        with self._wake:
+            self._inbox.append((kind, seq))
+            self._wake.notify()
+
+    # ------------------------------------------------------------------ engine thread
+    def _loop(self) -> None:
+        while True:
+            with self._wake:
+                while not self._inbox and not self.scheduler.has_work and not self._stopping:
+                    self._wake.wait()
+                if self._stopping:
+                    break
+                inbox, self._inbox = self._inbox, []
+                self._pending -= sum(1 for kind, _ in inbox if kind == "add")
+            for kind, seq in inbox:
+                assert isinstance(seq, Sequence)
+                if kind == "add":
+                    try:
+                        self.scheduler.add(seq)
+                    except (QueueFullError, RequestTooLargeError) as exc:
+                        seq.fail(str(exc))
+                elif kind == "abort" and seq.status is not SeqStatus.FINISHED:
+                    seq.status = SeqStatus.FINISHED
+                    self.scheduler.release(seq)
+            try:
+                self.step()
+            except Exception as exc:  # keep serving: fail the batch, not the process
+                log.exception("engine step failed")
+                for seq in list(self.scheduler.running) + list(self.scheduler.waiting):
+                    seq.fail(f"engine error: {exc}")
+                    self.scheduler.release(seq)
+        for seq in list(self.scheduler.running) + list(self.scheduler.waiting):
+            seq.fail("engine stopped")
+            self.scheduler.release(seq)
+
+    @torch.inference_mode()
+    def step(self) -> None:
+        """Admit and prefill what fits, then one decode step for the whole running batch."""
+        admitted = self.scheduler.admit()
+        if admitted:
+            self._prefill(admitted)
+            self._release_finished()
+        if self.scheduler.running:
+            self._decode_step(list(self.scheduler.running))
+            self._release_finished()
+        self._steps += 1
+
+    def _release_finished(self) -> None:
+        for seq in [s for s in self.scheduler.running if s.status is SeqStatus.FINISHED]:
+            self.scheduler.release(seq)
+
+    def _prefill(self, seqs: list[Sequence]) -> None:
+        budget = self.config.max_prefill_tokens
+        i = 0
+        while i < len(seqs):
+            j, longest = i, 0
+            while j < len(seqs):
+                longest_next = max(longest, len(seqs[j].prompt_ids))
+                if j > i and longest_next * (j - i + 1) > budget:
+                    break
+                longest, j = longest_next, j + 1
+            self._forward_and_sample(seqs[i:j], [s.prompt_ids for s in seqs[i:j]])
+            i = j
+
+    def _decode_step(self, seqs: list[Sequence]) -> None:
+        self._forward_and_sample(seqs, [[s.output_ids[-1]] for s in seqs])
+
+    def _forward_and_sample(self, seqs: list[Sequence], new_tokens: list[list[int]]) -> None:
+        q_lens = [len(t) for t in new_tokens]
+        T = max(q_lens)
+        ids = torch.zeros(len(seqs), T, dtype=torch.long)
+        for b, toks in enumerate(new_tokens):
+            ids[b, : len(toks)] = torch.tensor(toks, dtype=torch.long)
+        start = [s.cached for s in seqs]
+        starts = torch.tensor(start, dtype=torch.long)
+        positions = (starts[:, None] + torch.arange(T)[None]).clamp_(max=self.model_config.n_positions - 1)
+        ids, positions = ids.to(self.device), positions.to(self.device)
+        ctx = SlotBatch(self.cache, seqs[0].slot, start, q_lens, T)
+        hidden = self.model(ids, positions, ctx)
+        last = torch.tensor(q_lens, device=self.device) - 1
+        logits = self.model.logits(hidden[torch.arange(len(seqs), device=self.device), last]).cpu()
+        tokens = sample(logits, [s.sampler_row() for s in seqs], self._rng)
+        for seq, q, tok in zip(seqs, q_lens, tokens):
+            seq.cached += q
+            if T > 1:
+                self._prompt_tokens += q
+            self._generated += 1
+            seq.append(tok, self.max_model_len)
+            seq.flush()

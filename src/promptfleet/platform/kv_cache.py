@@ -1,0 +1,140 @@
+"""The engine's KV cache: one slot per running sequence, slots kept compact (rows
+0..B-1 of the running batch are slots 0..B-1), so a decode step reads the batch's keys
+as one strided view with no gather.
+
+Layout per layer: ``[slots, heads, max_len + 1, head_dim]`` for SDPA (position
+``max_len`` is a scratch row that padded prefill tokens write into) and
+``[slots, max_len + pad, heads, head_dim]`` for flash-attn's ``flash_attn_with_kvcache``.
+On CPU ``torch.empty`` only reserves address space: pages become resident as tokens are
+written, so memory follows use; admission is bounded by a token budget (``Scheduler``).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from promptfleet.platform.adapter import AdapterPrefix
+from promptfleet.platform.config import ModelConfig
+
+
+def flash_attn_available(device: torch.device) -> bool:
+    if device.type != "cuda":
+        return False
+    try:
+        import flash_attn  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+class SlotKVCache:
+    def __init__(self, cfg: ModelConfig, *, max_slots: int, max_len: int, device: torch.device,
+                 dtype: torch.dtype, backend: str, prefill_pad: int = 0) -> None:
+        self.cfg, self.max_slots, self.max_len, self.backend = cfg, max_slots, max_len, backend
+        h, d = cfg.n_head, cfg.head_dim
+        if backend == "flash":
+            shape = (max_slots, max_len + prefill_pad, h, d)
+        else:
+            shape = (max_slots, h, max_len + 1, d)
+        self.k = [torch.empty(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
+        self.v = [torch.empty(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
+        # Positions below initialized[slot] hold finite data. A batch reads keys up to its
+        # longest row, and a masked key still multiplies its value by 0 (0 * NaN = NaN), so
+        # never-written memory is zeroed once, the first time a read reaches it.
+        self.initialized = [0] * max_slots
+
+    def ensure_initialized(self, slot0: int, count: int, upto: int) -> None:
+        if self.backend == "flash":
+            return  # flash-attn reads only each row's own keys
+        for slot in range(slot0, slot0 + count):
+            lo = self.initialized[slot]
+            if lo < upto:
+                for layer in range(self.cfg.n_layer):
+                    self.k[layer][slot, :, lo:upto].zero_()
+                    self.v[layer][slot, :, lo:upto].zero_()
+                self.initialized[slot] = upto
+
+    @property
+    def bytes_per_token(self) -> int:
+        return 2 * self.cfg.n_layer * self.cfg.n_embd * self.k[0].element_size()
+
+    def copy_prefix(self, slot: int, prefix: AdapterPrefix) -> None:
+        """Put an adapter's shared virtual-token K/V at positions 0..n-1 of ``slot``."""
+        n = prefix.num_virtual_tokens
+        self.initialized[slot] = max(self.initialized[slot], n)
+        for layer in range(self.cfg.n_layer):
+            pk, pv = prefix.k[layer], prefix.v[layer]  # [H, n, D]
+            if self.backend == "flash":
+                self.k[layer][slot, :n].copy_(pk.transpose(0, 1))
+                self.v[layer][slot, :n].copy_(pv.transpose(0, 1))
+            else:
+                self.k[layer][slot, :, :n].copy_(pk)
+                self.v[layer][slot, :, :n].copy_(pv)
+
+    def move(self, src: int, dst: int, length: int) -> None:
+        """Copy the first ``length`` cached tokens of slot ``src`` into slot ``dst``."""
+        self.initialized[dst] = max(self.initialized[dst], length)
+        for layer in range(self.cfg.n_layer):
+            for t in (self.k[layer], self.v[layer]):
+                if self.backend == "flash":
+                    t[dst, :length].copy_(t[src, :length])
+                else:
+                    t[dst, :, :length].copy_(t[src, :, :length])
+
+
+class SlotBatch:
+    """Attention context for rows ``slot0 .. slot0+B-1``: row b already has ``start[b]``
+    cached tokens and brings ``q_lens[b]`` new ones (right-padded to ``T``)."""
+
+    def __init__(self, cache: SlotKVCache, slot0: int, start: list[int], q_lens: list[int], T: int) -> None:
+        self.cache, self.slot0, self.B, self.T = cache, slot0, len(start), T
+        dev = cache.k[0].device
+        self.start_t = torch.tensor(start, dtype=torch.long, device=dev)
+        self.q_lens = q_lens
+        self.rows = torch.arange(slot0, slot0 + self.B, device=dev)
+        if cache.backend == "flash":
+            return
+        steps = torch.arange(T, device=dev)
+        pos = self.start_t[:, None] + steps[None, :]
+        if any(q != T for q in q_lens):
+            valid = steps[None, :] < torch.tensor(q_lens, device=dev)[:, None]
+            pos = torch.where(valid, pos, torch.full_like(pos, cache.max_len))
+        self.write_pos = pos
+        self.tk = max(s + q for s, q in zip(start, q_lens))
+        cache.ensure_initialized(slot0, self.B, self.tk)
+        if T == 1 and min(start) == max(start):
+            self.mask = None  # every row sees all of its keys
+        else:
+            keys = torch.arange(self.tk, device=dev)
+            self.mask = (keys[None, None, :] <= (self.start_t[:, None, None] + steps[None, :, None]))[:, None]
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        c = self.cache
+        if c.backend == "flash":
+            return self._flash(layer, q, k, v)
+        kc, vc = c.k[layer], c.v[layer]
+        if self.T == 1:
+            kc[self.rows, :, self.write_pos[:, 0]] = k[:, 0]
+            vc[self.rows, :, self.write_pos[:, 0]] = v[:, 0]
+        else:
+            kc[self.rows[:, None], :, self.write_pos] = k
+            vc[self.rows[:, None], :, self.write_pos] = v
+        s0, s1 = self.slot0, self.slot0 + self.B
+        keys, values = kc[s0:s1, :, : self.tk], vc[s0:s1, :, : self.tk]
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=self.mask,
+                                             scale=1.0 / math.sqrt(q.shape[-1]))
+        return out.transpose(1, 2)
+
+    def _flash(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        # flash-attn appends k/v at cache_seqlens (padded tokens land past each row's
+        # end, in the pad margin) and aligns the causal mask to the end of the keys.
+        from flash_attn import flash_attn_with_kvcache
+
+        c = self.cache
+        return flash_attn_with_kvcache(
+            q, c.k[layer], c.v[layer], k=k, v=v,
+            cache_seqlens=self.start_t.to(torch.int32), cache_batch_idx=self.rows.to(torch.int32),
+            causal=True,
+        )
