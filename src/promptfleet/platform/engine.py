@@ -50,6 +50,9 @@ class EngineStats:
     steps: int
     tokens_generated: int
     prompt_tokens: int
+    decode_seconds: float = 0.0      # wall time inside decode steps
+    decode_row_tokens: int = 0       # tokens produced by decode steps
+    prefill_seconds: float = 0.0
 
 
 class Engine:
@@ -78,7 +81,8 @@ class Engine:
         self._wake = threading.Condition(self._lock)
         self._pending = 0
         self._rng = torch.Generator().manual_seed(0)
-        self._steps = self._generated = self._prompt_tokens = 0
+        self._steps = self._generated = self._prompt_tokens = self._decode_tokens = 0
+        self._decode_s = self._prefill_s = 0.0
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
@@ -127,7 +131,9 @@ class Engine:
         s = self.scheduler
         return EngineStats(running=len(s.running), waiting=len(s.waiting) + self._pending,
                            kv_reserved_tokens=s.reserved_tokens, kv_budget_tokens=s.budget_tokens,
-                           steps=self._steps, tokens_generated=self._generated, prompt_tokens=self._prompt_tokens)
+                           steps=self._steps, tokens_generated=self._generated, prompt_tokens=self._prompt_tokens,
+                           decode_seconds=self._decode_s, decode_row_tokens=self._decode_tokens,
+                           prefill_seconds=self._prefill_s)
 
     # ------------------------------------------------------------------ public async API
     def encode(self, prompt: str) -> list[int]:
@@ -232,10 +238,16 @@ class Engine:
         """Admit and prefill what fits, then one decode step for the whole running batch."""
         admitted = self.scheduler.admit()
         if admitted:
+            t0 = time.perf_counter()
             self._prefill(admitted)
+            self._prefill_s += time.perf_counter() - t0
             self._release_finished()
         if self.scheduler.running:
-            self._decode_step(list(self.scheduler.running))
+            t0 = time.perf_counter()
+            batch = list(self.scheduler.running)
+            self._decode_step(batch)
+            self._decode_s += time.perf_counter() - t0
+            self._decode_tokens += len(batch)
             self._release_finished()
         self._steps += 1
 

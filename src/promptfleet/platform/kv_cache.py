@@ -48,6 +48,7 @@ class SlotKVCache:
     def ensure_initialized(self, slot0: int, count: int, upto: int) -> None:
         if self.backend == "flash":
             return  # flash-attn reads only each row's own keys
+        upto = min(-(-upto // 64) * 64, self.max_len + 1)  # in chunks of 64 positions
         for slot in range(slot0, slot0 + count):
             lo = self.initialized[slot]
             if lo < upto:
@@ -102,6 +103,11 @@ class SlotBatch:
             valid = steps[None, :] < torch.tensor(q_lens, device=dev)[:, None]
             pos = torch.where(valid, pos, torch.full_like(pos, cache.max_len))
         self.write_pos = pos
+        # flat rows for k/v laid out [B, T, H, D]: ((slot * H + h) * T1 + pos)
+        h_count, t1 = cache.k[0].shape[1], cache.k[0].shape[2]
+        heads = torch.arange(h_count, device=dev)
+        self.flat_index = (((self.rows[:, None, None] * h_count + heads[None, None, :]) * t1)
+                           + pos[:, :, None]).reshape(-1)
         self.tk = max(s + q for s, q in zip(start, q_lens))
         cache.ensure_initialized(slot0, self.B, self.tk)
         if T == 1 and min(start) == max(start):
@@ -115,12 +121,11 @@ class SlotBatch:
         if c.backend == "flash":
             return self._flash(layer, q, k, v)
         kc, vc = c.k[layer], c.v[layer]
-        if self.T == 1:
-            kc[self.rows, :, self.write_pos[:, 0]] = k[:, 0]
-            vc[self.rows, :, self.write_pos[:, 0]] = v[:, 0]
-        else:
-            kc[self.rows[:, None], :, self.write_pos] = k
-            vc[self.rows[:, None], :, self.write_pos] = v
+        # one index_copy_ into a flat [slots*heads*positions, D] view (much cheaper than
+        # advanced-index assignment): row (slot, head, pos) -> (slot*H + head)*T1 + pos
+        n = k.shape[0] * k.shape[1] * k.shape[2]
+        kc.view(-1, kc.shape[-1]).index_copy_(0, self.flat_index, k.reshape(n, -1))
+        vc.view(-1, vc.shape[-1]).index_copy_(0, self.flat_index, v.reshape(n, -1))
         s0, s1 = self.slot0, self.slot0 + self.B
         keys, values = kc[s0:s1, :, : self.tk], vc[s0:s1, :, : self.tk]
         out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=self.mask,

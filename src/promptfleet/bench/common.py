@@ -1,0 +1,64 @@
+"""Shared pieces of the benchmark scripts: a cached random checkpoint, the measured
+matmul peak, percentiles, and the one-JSON-line report."""
+from __future__ import annotations
+
+import json
+import logging
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from promptfleet.platform.random_checkpoint import make_random_checkpoint
+
+log = logging.getLogger(__name__)
+
+
+def bench_checkpoint(model: str | None, shape: str = "gpt2", seed: int = 0) -> Path:
+    """``model`` if given, else a seeded random checkpoint of ``shape`` (cached in /tmp)."""
+    if model:
+        return Path(model)
+    path = Path(tempfile.gettempdir()) / f"promptfleet-bench-{shape}-{seed}"
+    if not (path / "model.safetensors").exists():
+        log.info("writing a seeded random %s checkpoint to %s (random weights)", shape, path)
+        make_random_checkpoint(path, shape=shape, seed=seed)
+    return path
+
+
+def matmul_peak_flops(dtype: torch.dtype = torch.float32, device: str = "cpu", n: int = 2048,
+                      seconds: float = 2.0) -> float:
+    """Best measured FLOP/s of an ``n x n`` matmul on this machine for ``dtype``."""
+    a = torch.randn(n, n, dtype=dtype, device=device)
+    b = torch.randn(n, n, dtype=dtype, device=device)
+    best = 0.0
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        if device != "cpu":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        if device != "cpu":
+            torch.cuda.synchronize()
+        best = max(best, 2 * n**3 / (time.perf_counter() - t0))
+    return best
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    idx = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
+    return ordered[idx]
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def emit(result: dict) -> None:
+    """The benchmark's one line of output."""
+    sys.stdout.write(json.dumps(result, sort_keys=False) + "\n")
+    sys.stdout.flush()

@@ -1,0 +1,136 @@
+"""Engine benchmark (issue 2): mixed adapters vs one adapter vs PEFT one at a time.
+
+Measured side by side in one run on one machine, GPT-2-small shape, random weights:
+  (a) our engine, N concurrent requests over N different prompt-tuning adapters
+  (b) the same N requests all on one adapter
+  (c) transformers + PEFT ``PeftModel.generate``, one request at a time, switching adapters
+  (d) this machine's measured matmul peak for the dtype
+and reports tokens/s, ratios, and decode model-FLOPs utilisation.
+
+    python -m promptfleet.bench.engine_bench [--requests 32] [--new-tokens 64]
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from peft import PeftModel, PromptTuningConfig, get_peft_model
+from transformers import GPT2LMHeadModel
+
+from promptfleet.bench.common import bench_checkpoint, emit, matmul_peak_flops
+from promptfleet.platform.adapter import load_adapter_dir
+from promptfleet.platform.config import EngineConfig, RepetitionConfig
+from promptfleet.platform.engine import Engine
+from promptfleet.platform.sampling import SamplingParams
+
+log = logging.getLogger("promptfleet.bench.engine")
+
+
+def make_adapters(checkpoint: Path, out: Path, count: int, n_virtual: int, seed: int) -> list[Path]:
+    """``count`` PEFT prompt-tuning adapters, saved by PEFT itself."""
+    torch.manual_seed(seed)
+    base = GPT2LMHeadModel.from_pretrained(checkpoint)
+    cfg = PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=n_virtual)
+    model = get_peft_model(base, cfg, adapter_name="a0")
+    for i in range(1, count):
+        model.add_adapter(f"a{i}", cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "prompt_encoder" in name:
+                p.normal_(0, 0.5)
+    model.save_pretrained(out)  # named adapters go to subfolders out/a{i}
+    return [out / f"a{i}" for i in range(count)]
+
+
+async def run_engine(engine: Engine, prompts: list[list[int]], adapters: list[str], new_tokens: int) -> float:
+    params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True, detect_repetition=False)
+    t0 = time.perf_counter()
+    outs = await asyncio.gather(*[engine.complete(p, params, adapter=a) for p, a in zip(prompts, adapters)])
+    wall = time.perf_counter() - t0
+    assert all(o.completion_tokens == new_tokens for o in outs)
+    return wall
+
+
+def run_peft_baseline(checkpoint: Path, adapter_dirs: list[Path], prompts: list[list[int]], new_tokens: int) -> float:
+    base = GPT2LMHeadModel.from_pretrained(checkpoint).eval()
+    model = PeftModel.from_pretrained(base, adapter_dirs[0], adapter_name="a0").eval()
+    for i, d in enumerate(adapter_dirs[1:], start=1):
+        model.load_adapter(d, adapter_name=f"a{i}")
+    t0 = time.perf_counter()
+    for i, p in enumerate(prompts):
+        model.set_adapter(f"a{i % len(adapter_dirs)}")
+        ids = torch.tensor([p])
+        with torch.inference_mode():
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                                 min_new_tokens=new_tokens, do_sample=False, pad_token_id=50256)
+        assert out.shape[1] - len(p) == new_tokens
+    return time.perf_counter() - t0
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", help="checkpoint dir (default: seeded random GPT-2-small shape)")
+    ap.add_argument("--requests", type=int, default=32)
+    ap.add_argument("--prompt-tokens", type=int, default=32)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--virtual-tokens", type=int, default=20)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default=None)
+    ap.add_argument("--attention", default="auto", choices=["auto", "sdpa", "flash"])
+    ap.add_argument("--skip-baseline", action="store_true", help="skip (c), the slow PEFT loop")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    ckpt = bench_checkpoint(args.model)
+    n, new = args.requests, args.new_tokens
+    gen = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, 50000, (args.prompt_tokens,), generator=gen).tolist() for _ in range(n)]
+    engine = Engine.from_pretrained(ckpt, EngineConfig(device=args.device, dtype=args.dtype, max_batch_size=max(64, n),
+                                                       attention=args.attention,
+                                                       repetition=RepetitionConfig(enabled=False)))
+    with tempfile.TemporaryDirectory() as tmp:
+        dirs = make_adapters(ckpt, Path(tmp) / "adapters", n, args.virtual_tokens, seed=1)
+        for i, d in enumerate(dirs):
+            engine.add_adapter(f"a{i}", load_adapter_dir(d))
+        names = [f"a{i}" for i in range(n)]
+        asyncio.run(run_engine(engine, prompts[:4], names[:4], 4))  # warm-up
+        s0 = engine.stats()
+        wall_a = asyncio.run(run_engine(engine, prompts, names, new))
+        s1 = engine.stats()
+        wall_b = asyncio.run(run_engine(engine, prompts, ["a0"] * n, new))
+        engine.stop()
+        wall_c = None if args.skip_baseline else run_peft_baseline(ckpt, dirs, prompts, new)
+    cfg = engine.model_config
+    dtype = engine.dtype
+    peak = matmul_peak_flops(dtype, args.device)
+    decode_tokens = s1.decode_row_tokens - s0.decode_row_tokens
+    decode_s = s1.decode_seconds - s0.decode_seconds
+    avg_ctx = args.virtual_tokens + args.prompt_tokens + new / 2
+    flops_per_token = 2 * cfg.n_params + 4 * cfg.n_layer * cfg.n_embd * avg_ctx
+    decode_flops = decode_tokens * flops_per_token / decode_s
+    tok = n * new
+    result = {
+        "bench": "engine", "device": args.device, "dtype": str(dtype).replace("torch.", ""),
+        "attention": engine.attention_backend, "threads": torch.get_num_threads(),
+        "model": f"gpt2 L{cfg.n_layer} d{cfg.n_embd} (random weights)", "requests": n,
+        "prompt_tokens": args.prompt_tokens, "new_tokens": new, "virtual_tokens": args.virtual_tokens,
+        "a_mixed_adapters_tok_s": round(tok / wall_a, 1),
+        "b_one_adapter_tok_s": round(tok / wall_b, 1),
+        "c_peft_sequential_tok_s": None if wall_c is None else round(tok / wall_c, 1),
+        "a_over_c": None if wall_c is None else round(wall_c / wall_a, 2),
+        "a_over_b": round(wall_b / wall_a, 3),
+        "d_matmul_peak_gflops": round(peak / 1e9, 1),
+        "decode_gflops": round(decode_flops / 1e9, 1),
+        "decode_mfu": round(decode_flops / peak, 3),
+        "decode_step_ms_at_batch": round(1000 * decode_s / max(1, decode_tokens) * n, 1),
+    }
+    emit(result)
+
+
+if __name__ == "__main__":
+    main()
