@@ -1,0 +1,221 @@
+"""``promptfleet``: serve, work, migrate, and drive a running server (tenants, adapters,
+datasets, jobs), plus the benchmarks and the one-command demo.
+
+Client commands talk to a server over HTTP: ``--url`` (``PROMPTFLEET_URL``, default
+http://127.0.0.1:8000) with ``--key`` (``PROMPTFLEET_API_KEY``, a tenant key) or, for
+admin commands, ``--admin-key`` (``PROMPTFLEET_ADMIN_KEY``).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from promptfleet.client import ClientError, PromptFleetClient
+from promptfleet.settings import Settings
+
+app = typer.Typer(help="PromptFleet: serve, work, migrate, and drive a running server (tenants, adapters, datasets, jobs); benchmarks and the one-command demo. Client commands use --url (PROMPTFLEET_URL) with --key (PROMPTFLEET_API_KEY) or --admin-key (PROMPTFLEET_ADMIN_KEY).", no_args_is_help=True, add_completion=False)
+db_app = typer.Typer(help="Database schema (Alembic migrations).", no_args_is_help=True)
+tenant_app = typer.Typer(help="Tenants (admin).", no_args_is_help=True)
+key_app = typer.Typer(help="API keys (admin).", no_args_is_help=True)
+adapter_app = typer.Typer(help="Adapters of your tenant.", no_args_is_help=True)
+dataset_app = typer.Typer(help="Training datasets of your tenant.", no_args_is_help=True)
+job_app = typer.Typer(help="Training jobs of your tenant.", no_args_is_help=True)
+for sub, name in ((db_app, "db"), (tenant_app, "tenant"), (key_app, "key"), (adapter_app, "adapter"),
+                  (dataset_app, "dataset"), (job_app, "job")):
+    app.add_typer(sub, name=name)
+
+URL = typer.Option("http://127.0.0.1:8000", "--url", envvar="PROMPTFLEET_URL", help="Server base URL.")
+KEY = typer.Option(None, "--key", envvar="PROMPTFLEET_API_KEY", help="Tenant API key.")
+ADMIN = typer.Option("pf-admin-dev", "--admin-key", envvar="PROMPTFLEET_ADMIN_KEY", help="Admin key.")
+
+
+def _fail(message: str, code: int = 1) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def _print(obj: object) -> None:
+    typer.echo(json.dumps(obj, indent=2, default=str))
+
+
+def _client(url: str, key: Optional[str], *, what: str = "a tenant key (--key or PROMPTFLEET_API_KEY)"):
+    if not key:
+        _fail(f"this command needs {what}")
+    return PromptFleetClient(url, key)
+
+
+def _run(fn):
+    try:
+        return fn()
+    except ClientError as exc:
+        _fail(exc.message if exc.status else str(exc), 2 if exc.status == 0 else 1)
+    except (FileNotFoundError, ValueError) as exc:
+        _fail(str(exc))
+
+
+# ---------------------------------------------------------------- processes
+@app.command()
+def serve(model: Optional[str] = typer.Option(None, help="GPT-2 checkpoint directory (or hub id)."),
+          host: str = "127.0.0.1", port: int = 8000,
+          device: Optional[str] = typer.Option(None, help="cpu or cuda."),
+          dtype: Optional[str] = typer.Option(None, help="float32|bfloat16 (CPU), float16|bfloat16 (CUDA)."),
+          embedded_worker: Optional[bool] = typer.Option(None, "--embedded-worker/--no-embedded-worker",
+                                                         help="Run a training worker inside the server.")) -> None:
+    """Run the API server with the engine (and, by default, an embedded training worker)."""
+    from promptfleet.api.server import run_server
+
+    overrides = {k: v for k, v in dict(model=model, device=device, dtype=dtype,
+                                       embedded_worker=embedded_worker).items() if v is not None}
+    settings = Settings(**overrides)
+    if not settings.model:
+        _fail("no model: pass --model PATH or set PROMPTFLEET_MODEL")
+    run_server(settings, host=host, port=port)
+
+
+@app.command()
+def worker(loglevel: Optional[str] = None, hostname: Optional[str] = None) -> None:
+    """Run a standalone Celery training worker (broker from PROMPTFLEET_BROKER_URL)."""
+    from promptfleet.trainer.celery_app import run_worker
+
+    run_worker(Settings(), loglevel=loglevel, hostname=hostname)
+
+
+@db_app.command("upgrade")
+def db_upgrade(revision: str = "head") -> None:
+    """Apply migrations to PROMPTFLEET_DATABASE_URL (default: SQLite in the data dir)."""
+    from promptfleet.migrate import upgrade
+
+    url = Settings().resolved_database_url()
+    upgrade(url, revision)
+    typer.echo(f"database at {url.split('@')[-1]} upgraded to {revision}")
+
+
+@db_app.command("downgrade")
+def db_downgrade(revision: str = typer.Argument(..., help="Target revision, e.g. base.")) -> None:
+    """Revert migrations down to REVISION."""
+    from promptfleet.migrate import downgrade
+
+    downgrade(Settings().resolved_database_url(), revision)
+    typer.echo(f"database downgraded to {revision}")
+
+
+# ---------------------------------------------------------------- admin
+@tenant_app.command("create")
+def tenant_create(name: str, url: str = URL, admin_key: str = ADMIN) -> None:
+    """Create a tenant; prints its API key once."""
+    _print(_run(lambda: PromptFleetClient(url, admin_key).create_tenant(name)))
+
+
+@tenant_app.command("list")
+def tenant_list(url: str = URL, admin_key: str = ADMIN) -> None:
+    _print(_run(lambda: PromptFleetClient(url, admin_key).list_tenants()))
+
+
+@key_app.command("rotate")
+def key_rotate(tenant_id: str, url: str = URL, admin_key: str = ADMIN) -> None:
+    """Revoke a tenant's keys and print a new one."""
+    _print(_run(lambda: PromptFleetClient(url, admin_key).rotate_key(tenant_id)))
+
+
+# ---------------------------------------------------------------- tenant work
+@adapter_app.command("push")
+def adapter_push(directory: Path, name: str = typer.Option(..., help="Adapter name (a new version if it exists)."),
+                 url: str = URL, key: Optional[str] = KEY) -> None:
+    """Upload a PEFT save_pretrained directory."""
+    _print(_run(lambda: _client(url, key).push_adapter(name, directory)))
+
+
+@adapter_app.command("list")
+def adapter_list(url: str = URL, key: Optional[str] = KEY) -> None:
+    _print(_run(lambda: _client(url, key).list_adapters()))
+
+
+@adapter_app.command("pull")
+def adapter_pull(ref: str, out: Path = typer.Option(..., help="Directory to write the PEFT files to."),
+                 url: str = URL, key: Optional[str] = KEY) -> None:
+    """Download NAME or NAME@N as a PEFT directory."""
+    path = _run(lambda: _client(url, key).pull_adapter(ref, out))
+    typer.echo(f"wrote {path}")
+
+
+@adapter_app.command("delete")
+def adapter_delete(name: str, url: str = URL, key: Optional[str] = KEY) -> None:
+    _run(lambda: _client(url, key).delete_adapter(name))
+    typer.echo(f"deleted {name}")
+
+
+@dataset_app.command("push")
+def dataset_push(path: Path, url: str = URL, key: Optional[str] = KEY) -> None:
+    """Upload a JSONL dataset of {"prompt", "completion"} lines."""
+    _print(_run(lambda: _client(url, key).push_dataset(path)))
+
+
+@job_app.command("submit")
+def job_submit(adapter_name: str = typer.Option(...), dataset_id: str = typer.Option(...),
+               method: str = "prompt_tuning", num_virtual_tokens: int = 8, epochs: int = 3,
+               learning_rate: float = 3e-2, batch_size: int = 8, seed: int = 0,
+               init_text: Optional[str] = None, watch: bool = typer.Option(False, help="Then watch it."),
+               url: str = URL, key: Optional[str] = KEY) -> None:
+    """Queue a training job."""
+    body = dict(adapter_name=adapter_name, dataset_id=dataset_id, method=method,
+                num_virtual_tokens=num_virtual_tokens, epochs=epochs, learning_rate=learning_rate,
+                batch_size=batch_size, seed=seed)
+    if init_text:
+        body["init_text"] = init_text
+    job = _run(lambda: _client(url, key).submit_job(body))
+    _print(job)
+    if watch:
+        job_watch(job["id"], url=url, key=key)
+
+
+@job_app.command("watch")
+def job_watch(job_id: str, interval: float = 1.0, url: str = URL, key: Optional[str] = KEY) -> None:
+    """Show a job's progress bar until it ends; exit 1 unless it succeeded."""
+    from promptfleet.trainer.watch import watch_job
+
+    client = _client(url, key)
+    final = _run(lambda: watch_job(lambda: client.get_job(job_id), interval=interval, out=sys.stderr))
+    _print(final)
+    if final.get("status") != "succeeded":
+        raise typer.Exit(1)
+
+
+@job_app.command("cancel")
+def job_cancel(job_id: str, url: str = URL, key: Optional[str] = KEY) -> None:
+    _print(_run(lambda: _client(url, key).cancel_job(job_id)))
+
+
+# ---------------------------------------------------------------- bench and demo
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def bench(ctx: typer.Context, which: str = typer.Argument("engine", help="engine | registry | http | train")) -> None:
+    """Run a benchmark script; extra arguments go to it (see --help of each)."""
+    import importlib
+
+    modules = {"engine": "engine_bench", "registry": "registry_bench", "http": "http_bench", "train": "train_bench"}
+    if which not in modules:
+        _fail(f"unknown benchmark {which!r}; choose from {', '.join(modules)}")
+    importlib.import_module(f"promptfleet.bench.{modules[which]}").main(list(ctx.args))
+
+
+@app.command()
+def demo(workdir: Optional[Path] = typer.Option(None, help="Keep the demo's data here (default: a temp dir)."),
+         port: int = 0, requests: int = 24) -> None:
+    """Start a server + worker on embedded defaults, run two tenants end to end, print a table."""
+    from promptfleet.demo import run_demo
+
+    code = run_demo(workdir=workdir, port=port, burst=requests)
+    raise typer.Exit(code)
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    app()
+
+
+if __name__ == "__main__":
+    main()
