@@ -1,8 +1,8 @@
 """SQLAlchemy 2 engine/session factory and the declarative ``Base``.
 
 SQLite (a file in the data dir) is the embedded default; PostgreSQL is the production
-database. Schema changes go through Alembic (``migrations/``), never ``create_all`` in
-production code paths.
+database. Schema changes go through Alembic (``promptfleet/migrations/``, run by
+``promptfleet.migrate``), never ``create_all`` in production code paths.
 """
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
-from sqlalchemy import DateTime, create_engine, event
+from sqlalchemy import DateTime, MetaData, create_engine, event
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 from sqlalchemy.types import TypeDecorator
@@ -38,8 +38,19 @@ class UTCDateTime(TypeDecorator):
         return value
 
 
+# Deterministic constraint/index names, so Alembic migrations can refer to (and drop) them
+# on every backend; the hand-written migrations use the same names.
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
 class Base(DeclarativeBase):
-    pass
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
 
 
 def make_engine(url: str) -> Engine:
