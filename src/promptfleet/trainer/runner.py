@@ -1,0 +1,243 @@
+"""Running one training job inside a worker: claim, heartbeat, train, register, finish.
+
+``run_job`` is what the Celery task calls; it never raises for a job's own failure (the
+job is marked failed with the message), so the broker message is acknowledged and never
+redelivered for an error that would only repeat.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from promptfleet.db import make_engine, make_session_factory
+from promptfleet.settings import Settings
+from promptfleet.trainer import jobstate
+from promptfleet.trainer.datasets import parse_dataset
+from promptfleet.trainer.jobstate import Claim
+from promptfleet.trainer.models import Dataset
+from promptfleet.trainer.service import DEFAULT_MAX_ATTEMPTS
+from promptfleet.trainer.train import TrainConfig, TrainingCancelled, TrainResult, _downsample, total_steps, train
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class WorkerContext:
+    """What a worker needs to run jobs, built lazily from ``Settings`` (one per Celery app)."""
+
+    settings: Settings
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS
+    enqueue: Callable[[str], str | None] | None = None
+    shutdown: threading.Event = field(default_factory=threading.Event)
+    _factory: sessionmaker[Session] | None = field(default=None, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @property
+    def session_factory(self) -> sessionmaker[Session]:
+        with self._lock:
+            if self._factory is None:
+                self._factory = make_session_factory(make_engine(self.settings.resolved_database_url()))
+            return self._factory
+
+    def storage(self) -> Any:
+        from promptfleet.adapters.storage import LocalBlobStorage
+
+        return LocalBlobStorage(Path(self.settings.blob_dir))
+
+    def model_path(self) -> str:
+        if not self.settings.model:
+            raise RuntimeError("no backbone checkpoint configured (set PROMPTFLEET_MODEL)")
+        from promptfleet.platform.weights import resolve_checkpoint
+
+        return str(resolve_checkpoint(self.settings.model))
+
+    @property
+    def poll_s(self) -> float:
+        return max(0.05, min(float(self.settings.job_heartbeat_s), 1.0))
+
+
+class JobMonitor:
+    """A thread that heartbeats the job with its progress and watches for cancel/takeover."""
+
+    def __init__(self, ctx: WorkerContext, claim: Claim) -> None:
+        self._ctx, self._claim = ctx, claim
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._run, name=f"job-monitor-{claim.job_id[:8]}", daemon=True)
+        self.state = "ok"  # ok | cancel | lost
+        self.step, self.total = 0, None
+        self.losses: list[float] = []
+
+    def start(self) -> "JobMonitor":
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def progress(self, step: int, total: int, loss: float) -> None:
+        with self._lock:
+            self.step, self.total = step, total
+            self.losses.append(loss)
+
+    def set_total(self, total: int) -> None:
+        """Publish the number of steps before the first one (one immediate heartbeat)."""
+        with self._lock:
+            self.total = total
+        self.beat()
+
+    def should_stop(self) -> bool:
+        return self.state != "ok" or self._ctx.shutdown.is_set()
+
+    def metrics(self) -> dict[str, Any]:
+        with self._lock:
+            losses = list(self.losses)
+        return {"loss": _downsample(losses), "initial_loss": losses[0]} if losses else {}
+
+    def beat(self) -> None:
+        with self._lock:
+            step, total = self.step, self.total
+        try:
+            with self._ctx.session_factory() as session:
+                state = jobstate.heartbeat(session, job_id=self._claim.job_id, attempt=self._claim.attempt,
+                                           step=step, total_steps=total, metrics=self.metrics())
+        except Exception:  # a database hiccup: keep training; the reaper handles long silences
+            log.warning("heartbeat of job %s failed", self._claim.job_id, exc_info=True)
+            return
+        if state != "ok" and self.state == "ok":
+            log.info("job %s: %s", self._claim.job_id, "cancel requested" if state == "cancel" else "taken over")
+            self.state = state
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._ctx.poll_s):
+            self.beat()
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _train(ctx: WorkerContext, claim: Claim, monitor: JobMonitor) -> tuple[TrainResult, Any]:
+    from promptfleet.platform.config import ModelConfig
+    from promptfleet.platform.tokenizer import load_tokenizer
+
+    model_path = ctx.model_path()
+    model_config = ModelConfig.from_pretrained(model_path)
+    storage = ctx.storage()
+    with ctx.session_factory() as session:
+        dataset = session.get(Dataset, claim.dataset_id)
+        if dataset is None:
+            raise LookupError(f"dataset {claim.dataset_id} no longer exists")
+        sha = dataset.sha256
+    try:
+        data = storage.get(sha)
+    except Exception as exc:
+        raise RuntimeError(f"dataset {claim.dataset_id} could not be read from blob storage "
+                           f"(sha256 {sha[:12]}): {_describe(exc)}") from exc
+    p = claim.params
+    nvt = int(p.get("num_virtual_tokens", 8))
+    room = model_config.n_positions - nvt
+    if room < 2:
+        raise ValueError(f"num_virtual_tokens={nvt} leaves no room in the backbone's "
+                         f"{model_config.n_positions} positions")
+    examples = parse_dataset(data, tokenizer=load_tokenizer(model_path), max_example_tokens=room,
+                             max_examples=10**9)
+    cfg = TrainConfig(model_path=model_path, method=claim.method, num_virtual_tokens=nvt,  # type: ignore[arg-type]
+                      epochs=int(p.get("epochs", 1)), learning_rate=float(p.get("learning_rate", 3e-2)),
+                      batch_size=int(p.get("batch_size", 8)), max_steps=p.get("max_steps"),
+                      seed=int(p.get("seed", 0)), init=p.get("init") or "random_vocab",
+                      init_text=p.get("init_text"), device=ctx.settings.device)
+    monitor.set_total(total_steps(len(examples), epochs=cfg.epochs, batch_size=cfg.batch_size,
+                                  max_steps=cfg.max_steps))
+    return train(cfg, examples, progress=monitor.progress, should_cancel=monitor.should_stop), model_config
+
+
+def _register(ctx: WorkerContext, claim: Claim, result: TrainResult, model_config: Any) -> dict[str, Any]:
+    from promptfleet.adapters.service import register_adapter
+
+    job_id, attempt = claim.job_id, claim.attempt
+    with ctx.session_factory() as session:
+        state = jobstate.lock_for_finish(session, job_id=job_id, attempt=attempt)
+        if state == "lost":
+            session.rollback()
+            return {"job_id": job_id, "status": "lost"}
+        if state == "cancel":
+            jobstate.finish(session, job_id=job_id, attempt=attempt, status="cancelled",
+                            error="cancelled after training, before registration", metrics=result.metrics)
+            session.commit()
+            return {"job_id": job_id, "status": "cancelled"}
+        try:
+            version = register_adapter(session, storage=ctx.storage(), tenant_id=claim.tenant_id,
+                                       name=claim.adapter_name, config=result.adapter_config,
+                                       safetensors_bytes=result.safetensors_bytes, model_config=model_config,
+                                       source_job_id=job_id)
+            ref = f"{version.name}@{version.version}"
+            jobstate.finish(session, job_id=job_id, attempt=attempt, status="succeeded", metrics=result.metrics,
+                            adapter_version=version.version, adapter=ref, steps=result.metrics["steps"])
+            session.commit()
+        except Exception as exc:
+            session.rollback()
+            log.exception("registering the adapter of job %s failed", job_id)
+            return _fail(ctx, claim, f"could not register the adapter: {_describe(exc)}", result.metrics)
+    log.info("job %s succeeded: %s", job_id, ref)
+    return {"job_id": job_id, "status": "succeeded", "adapter": ref}
+
+
+def _fail(ctx: WorkerContext, claim: Claim, message: str, metrics: dict[str, Any] | None) -> dict[str, Any]:
+    with ctx.session_factory() as session:
+        jobstate.finish(session, job_id=claim.job_id, attempt=claim.attempt, status="failed", error=message,
+                        metrics=metrics or None)
+        session.commit()
+    log.warning("job %s failed: %s", claim.job_id, message)
+    return {"job_id": claim.job_id, "status": "failed", "error": message}
+
+
+def _stopped(ctx: WorkerContext, claim: Claim, monitor: JobMonitor) -> dict[str, Any]:
+    job_id, attempt = claim.job_id, claim.attempt
+    if monitor.state == "lost":
+        return {"job_id": job_id, "status": "lost"}
+    with ctx.session_factory() as session:
+        if monitor.state == "cancel":
+            jobstate.finish(session, job_id=job_id, attempt=attempt, status="cancelled",
+                            error=f"cancelled at step {monitor.step}", metrics=monitor.metrics())
+            session.commit()
+            return {"job_id": job_id, "status": "cancelled"}
+        released = jobstate.release(session, job_id=job_id, attempt=attempt,
+                                    reason=f"attempt {attempt} interrupted by a worker shutdown; re-queued")
+        session.commit()
+    if released and ctx.enqueue is not None:
+        ctx.enqueue(job_id)
+    return {"job_id": job_id, "status": "queued"}
+
+
+def run_job(ctx: WorkerContext, job_id: str, *, task_id: str | None, worker: str) -> dict[str, Any]:
+    """Run one delivery of a job's message. Duplicate deliveries of a job that is finished
+    or alive elsewhere are dropped; only one attempt at a time can hold the job."""
+    with ctx.session_factory() as session:
+        claim, why = jobstate.claim_job(session, job_id=job_id, worker=worker, task_id=task_id,
+                                        stale_after_s=ctx.settings.job_stale_after_s, max_attempts=ctx.max_attempts)
+    if claim is None:
+        log.info("job %s: delivery dropped (%s)", job_id, why)
+        return {"job_id": job_id, "status": "skipped", "reason": why}
+    log.info("job %s: attempt %d started on %s", job_id, claim.attempt, worker)
+    monitor = JobMonitor(ctx, claim).start()
+    try:
+        result, model_config = _train(ctx, claim, monitor)
+    except TrainingCancelled:
+        monitor.stop()
+        return _stopped(ctx, claim, monitor)
+    except Exception as exc:
+        monitor.stop()
+        log.exception("job %s: training failed", job_id)
+        return _fail(ctx, claim, _describe(exc), monitor.metrics())
+    monitor.stop()
+    return _register(ctx, claim, result, model_config)

@@ -1,0 +1,220 @@
+"""Trainer service: datasets and training jobs, per tenant.
+
+Keyword-only functions taking a ``Session`` first; no HTTP. Functions that write commit
+(a worker in another process must see a job before its message arrives). Another
+tenant's dataset or job answers ``NotFound``, exactly like a missing one.
+
+Job states: queued -> running -> succeeded | failed | cancelled (queued -> cancelled
+directly). Every transition is a conditional UPDATE, so concurrent cancels, workers and
+reapers never overwrite each other's outcome.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any, Protocol
+
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session
+
+from promptfleet.db import utcnow
+from promptfleet.trainer.datasets import DatasetLimits, parse_dataset
+from promptfleet.trainer.models import ACTIVE_STATUSES, Dataset, TrainingJob
+from promptfleet.trainer.schemas import JobRequest
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_ATTEMPTS = 3
+
+
+class BlobStore(Protocol):
+    def put(self, data: bytes) -> str: ...
+    def get(self, sha256: str) -> bytes: ...
+
+
+class TrainerError(Exception):
+    """Base class of the trainer's refusals."""
+
+
+class NotFound(TrainerError, LookupError):
+    """No such dataset or job for this tenant."""
+
+
+class TooManyJobs(TrainerError):
+    """The tenant already has its limit of queued + running jobs."""
+
+
+class DatasetTooLarge(TrainerError):
+    """The uploaded dataset exceeds the size limit."""
+
+
+class JobNotCancellable(TrainerError):
+    """The job already succeeded or failed."""
+
+
+class EnqueueError(TrainerError):
+    """The broker refused the job; the job is marked failed."""
+
+
+# --- datasets -------------------------------------------------------------------------
+
+def create_dataset(session: Session, *, storage: BlobStore, tenant_id: str, data: bytes, tokenizer: Any,
+                   limits: DatasetLimits) -> Dataset:
+    """Validate a JSONL dataset (``DatasetError`` names the bad line), store it, record it."""
+    if len(data) > limits.max_bytes:
+        raise DatasetTooLarge(f"dataset is {len(data)} bytes, more than the limit of {limits.max_bytes} bytes")
+    examples = parse_dataset(data, tokenizer=tokenizer, max_example_tokens=limits.max_example_tokens,
+                             max_examples=limits.max_examples)
+    sha = storage.put(data)
+    dataset = Dataset(tenant_id=tenant_id, sha256=sha, num_examples=len(examples),
+                      num_tokens=sum(e.num_tokens for e in examples), size_bytes=len(data))
+    session.add(dataset)
+    session.commit()
+    return dataset
+
+
+def get_dataset(session: Session, *, tenant_id: str, dataset_id: str) -> Dataset:
+    dataset = session.get(Dataset, dataset_id)
+    if dataset is None or dataset.tenant_id != tenant_id:
+        raise NotFound(f"dataset {dataset_id!r} not found")
+    return dataset
+
+
+def list_datasets(session: Session, *, tenant_id: str, limit: int = 100) -> list[Dataset]:
+    stmt = (select(Dataset).where(Dataset.tenant_id == tenant_id)
+            .order_by(Dataset.created_at.desc(), Dataset.id).limit(limit))
+    return list(session.scalars(stmt))
+
+
+# --- jobs -----------------------------------------------------------------------------
+
+def _lock_tenant(session: Session, tenant_id: str) -> None:
+    """Serialise submissions of one tenant (row lock on PostgreSQL; SQLite locks the file)."""
+    from promptfleet.tenants.models import Tenant
+
+    lock = select(Tenant.id).where(Tenant.id == tenant_id).with_for_update(key_share=True)  # FOR NO KEY UPDATE
+    if session.execute(lock).first() is None:
+        raise NotFound(f"tenant {tenant_id!r} not found")
+
+
+def count_active_jobs(session: Session, *, tenant_id: str) -> int:
+    stmt = select(func.count()).select_from(TrainingJob).where(
+        TrainingJob.tenant_id == tenant_id, TrainingJob.status.in_(ACTIVE_STATUSES))
+    return int(session.scalar(stmt) or 0)
+
+
+def submit_job(session: Session, *, tenant_id: str, request: JobRequest, enqueue: Callable[[str], str | None],
+               max_active_jobs: int = 2) -> TrainingJob:
+    """Record a queued job, commit, then ``enqueue(job_id)`` (returns the Celery task id).
+
+    ``NotFound`` when the dataset is not the tenant's; ``TooManyJobs`` at the limit of
+    queued + running jobs; ``EnqueueError`` (job marked failed) when the broker refuses.
+    """
+    _lock_tenant(session, tenant_id)
+    get_dataset(session, tenant_id=tenant_id, dataset_id=request.dataset_id)
+    active = count_active_jobs(session, tenant_id=tenant_id)
+    if active >= max_active_jobs:
+        raise TooManyJobs(f"tenant has {active} queued or running jobs (limit {max_active_jobs}); "
+                          "wait for one to finish or cancel one")
+    job = TrainingJob(tenant_id=tenant_id, adapter_name=request.adapter_name, dataset_id=request.dataset_id,
+                      method=request.method, params=request.params(), status="queued", metrics={})
+    session.add(job)
+    session.commit()
+    try:
+        task_id = enqueue(job.id)
+    except Exception as exc:
+        log.exception("could not enqueue training job %s", job.id)
+        session.execute(update(TrainingJob).where(TrainingJob.id == job.id, TrainingJob.status == "queued")
+                        .values(status="failed", error=f"could not enqueue the job: {exc}", finished_at=utcnow()))
+        session.commit()
+        raise EnqueueError(f"could not enqueue the job: {exc}") from exc
+    if task_id:
+        session.execute(update(TrainingJob).where(TrainingJob.id == job.id, TrainingJob.celery_task_id.is_(None))
+                        .values(celery_task_id=str(task_id)))
+        session.commit()
+    session.refresh(job)
+    return job
+
+
+def get_job(session: Session, *, tenant_id: str, job_id: str) -> TrainingJob:
+    job = session.get(TrainingJob, job_id, populate_existing=True)
+    if job is None or job.tenant_id != tenant_id:
+        raise NotFound(f"job {job_id!r} not found")
+    return job
+
+
+def list_jobs(session: Session, *, tenant_id: str, status: str | None = None, limit: int = 100) -> list[TrainingJob]:
+    stmt = select(TrainingJob).where(TrainingJob.tenant_id == tenant_id)
+    if status is not None:
+        stmt = stmt.where(TrainingJob.status == status)
+    stmt = stmt.order_by(TrainingJob.created_at.desc(), TrainingJob.id).limit(limit)
+    return list(session.scalars(stmt))
+
+
+def cancel_job(session: Session, *, tenant_id: str, job_id: str) -> TrainingJob:
+    """Queued -> cancelled at once; running -> ``cancel_requested`` (the worker stops within
+    about a heartbeat and marks it cancelled, registering nothing). Cancelling a cancelled
+    job is a no-op; a succeeded or failed one raises ``JobNotCancellable``."""
+    get_job(session, tenant_id=tenant_id, job_id=job_id)
+    now = utcnow()
+    done = session.execute(update(TrainingJob).where(TrainingJob.id == job_id, TrainingJob.status == "queued")
+                           .values(status="cancelled", cancel_requested=True, finished_at=now,
+                                   error="cancelled before it started")).rowcount
+    if not done:
+        session.execute(update(TrainingJob).where(TrainingJob.id == job_id, TrainingJob.status == "running")
+                        .values(cancel_requested=True))
+    session.commit()
+    job = get_job(session, tenant_id=tenant_id, job_id=job_id)
+    if job.status in ("succeeded", "failed"):
+        raise JobNotCancellable(f"job {job_id} already {job.status}")
+    return job
+
+
+def reap_stale_jobs(session: Session, *, stale_after_s: float, max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+                    enqueue: Callable[[str], str | None] | None = None) -> list[TrainingJob]:
+    """Running jobs whose worker stopped heartbeating (killed, lost its machine).
+
+    With ``enqueue`` and fewer than ``max_attempts`` attempts: back to queued and enqueued
+    again (the next attempt trains from scratch with the same seed). Otherwise: failed with
+    "worker lost". A job whose cancel was requested becomes cancelled. Returns the jobs changed.
+    """
+    cutoff = utcnow() - timedelta(seconds=stale_after_s)
+    stale_cond = (TrainingJob.status == "running", TrainingJob.heartbeat_at < cutoff)
+    candidates = list(session.scalars(select(TrainingJob).where(*stale_cond)))
+    changed: list[TrainingJob] = []
+    requeued: list[str] = []
+    for job in candidates:
+        fenced = (TrainingJob.id == job.id, *stale_cond, TrainingJob.attempts == job.attempts)
+        silence = f"no heartbeat from worker {job.worker or '?'} for more than {stale_after_s:g} s"
+        now = utcnow()
+        if job.cancel_requested:
+            values: dict[str, Any] = {"status": "cancelled", "finished_at": now,
+                                      "error": f"cancelled (worker lost: {silence})"}
+        elif enqueue is not None and job.attempts < max_attempts:
+            values = {"status": "queued", "worker": None, "heartbeat_at": None, "progress": 0.0, "step": 0,
+                      "error": f"attempt {job.attempts} interrupted ({silence}); re-queued"}
+        else:
+            values = {"status": "failed", "finished_at": now,
+                      "error": f"worker lost: {silence} (attempt {job.attempts} of {max_attempts}); not retried"}
+        if session.execute(update(TrainingJob).where(*fenced).values(**values)).rowcount:
+            changed.append(job)
+            if values["status"] == "queued":
+                requeued.append(job.id)
+            log.warning("reaped training job %s: %s", job.id, values["error"])
+    session.commit()
+    for job_id in requeued:
+        try:
+            task_id = enqueue(job_id) if enqueue is not None else None
+        except Exception as exc:  # the broker is down: leave it failed rather than queued forever
+            log.exception("could not re-enqueue job %s", job_id)
+            session.execute(update(TrainingJob).where(TrainingJob.id == job_id, TrainingJob.status == "queued")
+                            .values(status="failed", finished_at=utcnow(), error=f"could not re-enqueue: {exc}"))
+            session.commit()
+            continue
+        if task_id:
+            session.execute(update(TrainingJob).where(TrainingJob.id == job_id).values(celery_task_id=str(task_id)))
+            session.commit()
+    for job in changed:
+        session.refresh(job)
+    return changed
