@@ -30,7 +30,7 @@ from promptfleet.platform.sampling import SamplingParams, sample
 from promptfleet.platform.scheduler import QueueFullError, RequestTooLargeError, Scheduler
 from promptfleet.platform.sequence import CompletionDelta, Sequence, SeqStatus
 from promptfleet.platform.tokenizer import load_tokenizer
-from promptfleet.platform.weights import load_gpt2, resolve_checkpoint
+from promptfleet.platform.weights import load_gpt2, resolve_checkpoint, weights_id
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +85,8 @@ class Engine:
         self._decode_s = self._prefill_s = 0.0
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self.checkpoint_path: Path | None = None
+        self._weights_id: str | None = None
         self._decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
     # ------------------------------------------------------------------ construction
@@ -96,7 +98,16 @@ class Engine:
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
         model = load_gpt2(path, device=config.device, dtype=dtype)
-        return cls(model, load_tokenizer(path), config)
+        engine = cls(model, load_tokenizer(path), config)
+        engine.checkpoint_path = path
+        return engine
+
+    @property
+    def weights_id(self) -> str:
+        """sha256 of the loaded checkpoint's weights (computed once, on first use)."""
+        if self._weights_id is None:
+            self._weights_id = weights_id(self.checkpoint_path) if self.checkpoint_path else f"unsaved-{id(self)}"
+        return self._weights_id
 
     # ------------------------------------------------------------------ adapters
     def build_adapter(self, weights: AdapterWeights, key: str) -> AdapterPrefix:

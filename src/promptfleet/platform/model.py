@@ -106,8 +106,12 @@ class DenseCache:
             v = torch.cat([self.v[layer], v], dim=2)
         self.k[layer], self.v[layer] = k, v
         tq, tk = q.shape[2], k.shape[2]
-        mask = None
-        if tq > 1:
-            mask = torch.ones(tq, tk, dtype=torch.bool, device=q.device).tril(diagonal=tk - tq)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0 / math.sqrt(q.shape[-1]))
+        scale = 1.0 / math.sqrt(q.shape[-1])
+        if tq == tk:  # no cached keys: top-left and bottom-right alignment agree
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=tq > 1, scale=scale)
+        else:
+            mask = None
+            if tq > 1:
+                mask = torch.ones(tq, tk, dtype=torch.bool, device=q.device).tril(diagonal=tk - tq)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
         return out.transpose(1, 2)

@@ -61,6 +61,21 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     raise FileNotFoundError(f"no model.safetensors in {path} (pickled .bin checkpoints are not loaded)")
 
 
+def weights_id(path: str | Path) -> str:
+    """sha256 of the checkpoint's safetensors bytes: what a stored KV prefix depends on."""
+    import hashlib
+
+    path = Path(path)
+    files = [path / "model.safetensors"] if (path / "model.safetensors").exists() else sorted(
+        path.glob("model-*.safetensors"))
+    h = hashlib.sha256()
+    for f in files:
+        with f.open("rb") as fh:
+            while chunk := fh.read(1 << 22):
+                h.update(chunk)
+    return h.hexdigest()
+
+
 def _strip_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     out = {}
     for key, value in state.items():
