@@ -1,0 +1,189 @@
+"""Running one completion request's choices on the engine, with the generation cache.
+
+``Generation.start()`` submits every uncached choice and waits for each one's first
+delta, so refusals (queue full, too large) surface before an HTTP status is sent;
+``deltas()`` then yields ``(choice index, delta)`` as the engine produces them, and
+``aclose()`` cancels whatever is still running (the engine aborts those sequences and
+frees their KV slots at once). Streams and plain responses share this one path.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable
+from contextlib import suppress
+from typing import TypeVar
+
+from fastapi import Request
+
+from promptfleet.api.errors import APIError, bad_request, overloaded
+from promptfleet.api.gen_cache import CachedCompletion, CacheKey, GenerationCache
+from promptfleet.api.serving import Choice, ResolvedModel
+from promptfleet.platform.engine import Engine, QueueFullError, RequestTooLargeError
+from promptfleet.platform.sequence import CompletionDelta
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+_DONE = object()
+
+
+def engine_error(exc: BaseException) -> APIError:
+    """The HTTP error for an exception raised by ``Engine.generate``."""
+    if isinstance(exc, APIError):
+        return exc
+    if isinstance(exc, QueueFullError):
+        return overloaded(f"the server is busy: {exc}; retry shortly")
+    if isinstance(exc, RequestTooLargeError):
+        return bad_request(str(exc), code="context_length_exceeded", param="max_tokens")
+    if isinstance(exc, ValueError):
+        return bad_request(str(exc))
+    log.error("generation failed: %s", exc)
+    return APIError(500, f"generation failed: {exc}", code="engine_error")
+
+
+class Generation:
+    def __init__(self, *, engine: Engine, cache: GenerationCache, tenant_id: str, model: ResolvedModel,
+                 choices: list[Choice], prompt_tokens: int) -> None:
+        self.engine = engine
+        self.cache = cache
+        self.model = model
+        self.choices = choices
+        self.started_at = time.perf_counter()
+        self.first_token_at: float | None = None
+        self.cache_hits = 0
+        self.cache_misses = 0
+        self.texts: dict[int, list[str]] = {c.index: [] for c in choices}
+        self.finish: dict[int, str] = {}
+        self.completion_tokens: dict[int, int] = {c.index: 0 for c in choices}
+        self.prompt_tokens = prompt_tokens  # each prompt once, however many samples (n) it has
+        self._keys: dict[int, CacheKey | None] = {
+            c.index: cache.key(tenant_id=tenant_id, model_scope=model.scope, prompt_ids=c.prompt_ids, params=c.params)
+            for c in choices}
+        self._ready: list[tuple[int, CompletionDelta]] = []
+        self._gens: dict[int, AsyncIterator[CompletionDelta]] = {}
+        self._pumps: list[asyncio.Task] = []
+        self._queue: asyncio.Queue = asyncio.Queue()
+        self._closed = False
+
+    # ---------------------------------------------------------------- start
+    async def start(self) -> None:
+        """Answer cached choices, submit the others and wait for their first deltas."""
+        for c in self.choices:
+            hit = self.cache.get(self._keys[c.index])
+            if hit is not None:
+                self.cache_hits += 1
+                self._ready.append((c.index, CompletionDelta(hit.text, [], hit.finish_reason, hit.prompt_tokens,
+                                                             hit.completion_tokens)))
+            else:
+                self.cache_misses += self._keys[c.index] is not None
+                self._gens[c.index] = self.engine.generate(c.prompt_ids, c.params, self.model.prefix)
+        firsts = await asyncio.gather(*(anext(g) for g in self._gens.values()), return_exceptions=True)
+        if self._gens:
+            self.first_token_at = time.perf_counter()
+        errors = [f for f in firsts if isinstance(f, BaseException)]
+        if errors:
+            await self.aclose()
+            raise engine_error(errors[0])
+        for index, first in zip(self._gens, firsts):
+            self._ready.append((index, first))
+            if first.finish_reason is None:
+                self._pumps.append(asyncio.create_task(self._pump(index, self._gens[index])))
+
+    async def _pump(self, index: int, gen: AsyncIterator[CompletionDelta]) -> None:
+        try:
+            async for delta in gen:
+                self._queue.put_nowait((index, delta))
+        except Exception as exc:
+            self._queue.put_nowait((index, exc))
+        finally:
+            self._queue.put_nowait((index, _DONE))
+
+    # ---------------------------------------------------------------- consume
+    def _record(self, index: int, delta: CompletionDelta) -> None:
+        self.texts[index].append(delta.text)
+        self.completion_tokens[index] = delta.completion_tokens
+        if delta.finish_reason is not None:
+            self.finish[index] = delta.finish_reason
+            if index in self._gens:  # generated now, not answered from the cache
+                self.cache.put(self._keys[index], CachedCompletion("".join(self.texts[index]), delta.finish_reason,
+                                                                   delta.prompt_tokens, delta.completion_tokens))
+
+    async def deltas(self) -> AsyncIterator[tuple[int, CompletionDelta]]:
+        """``(choice index, delta)`` until every choice has finished; raises ``APIError``."""
+        for index, delta in self._ready:
+            self._record(index, delta)
+            yield index, delta
+        self._ready.clear()
+        remaining = len(self._pumps)
+        while remaining:
+            index, item = await self._queue.get()
+            if item is _DONE:
+                remaining -= 1
+            elif isinstance(item, BaseException):
+                raise engine_error(item)
+            else:
+                self._record(index, item)
+                yield index, item
+
+    async def collect(self) -> None:
+        """Run every choice to the end (the non-streaming path)."""
+        await self.start()
+        async for _ in self.deltas():
+            pass
+
+    async def aclose(self) -> None:
+        """Cancel what still runs; the engine frees those sequences' KV slots."""
+        if self._closed:
+            return
+        self._closed = True
+        for task in self._pumps:
+            task.cancel()
+        for gen in self._gens.values():
+            # A generator still being iterated (by a pump, or by a cancelled first-delta
+            # task) refuses aclose(); its cancellation closes it instead.
+            with suppress(RuntimeError):
+                await gen.aclose()
+        if self._pumps:
+            await asyncio.wait(self._pumps)
+
+    # ---------------------------------------------------------------- results
+    @property
+    def total_completion_tokens(self) -> int:
+        return sum(self.completion_tokens.values())
+
+    @property
+    def ttft(self) -> float | None:
+        return None if self.first_token_at is None else self.first_token_at - self.started_at
+
+    def text(self, index: int) -> str:
+        return "".join(self.texts[index])
+
+
+class ClientDisconnected(Exception):
+    pass
+
+
+async def _wait_disconnect(request: Request) -> None:
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
+    """Await ``work``, cancelling it (and raising ``ClientDisconnected``) if the client goes away."""
+    task = asyncio.ensure_future(work)
+    watch = asyncio.ensure_future(_wait_disconnect(request))
+    try:
+        done, _ = await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+        if task in done:
+            return task.result()
+        task.cancel()
+        with suppress(BaseException):
+            await task
+        raise ClientDisconnected()
+    finally:
+        watch.cancel()
+        if not task.done():
+            task.cancel()

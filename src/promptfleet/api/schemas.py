@@ -1,0 +1,219 @@
+"""Request and response bodies. Completions mirror OpenAI's legacy completions API
+(``/v1/completions``) with two extensions, ``top_k`` and ``repetition_penalty``."""
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
+
+MAX_PROMPTS = 64            # prompts in one request (each is its own choice)
+MAX_CHOICES = 64            # prompts x n
+MAX_PROMPT_CHARS = 200_000  # per prompt string, before tokenization
+MAX_STOP = 4
+
+TokenId = Annotated[StrictInt, Field(ge=0, le=2**31 - 1)]
+PromptText = Annotated[StrictStr, Field(max_length=MAX_PROMPT_CHARS)]
+StopText = Annotated[StrictStr, Field(min_length=1, max_length=256)]
+
+
+# --- errors ---------------------------------------------------------------------------
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    code: str | None = None
+    param: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+# --- completions ----------------------------------------------------------------------
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    include_usage: bool = False
+
+
+class CompletionRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra={"examples": [
+        {"model": "gpt2", "prompt": "Hello", "max_tokens": 4, "temperature": 0},
+        {"model": "gpt2", "prompt": ["Once upon", "a time"], "max_tokens": 4, "temperature": 0.7, "seed": 1,
+         "stop": ["\n"], "stream": True, "stream_options": {"include_usage": True}},
+        {"model": "gpt2", "prompt": [[15496, 995], [50256]], "max_tokens": 3, "top_k": 40, "top_p": 0.9,
+         "repetition_penalty": 1.2, "n": 2}]})
+
+    model: StrictStr = Field(min_length=1, max_length=200,
+                             description="An adapter name, `name@N`, or the base model id.")
+    prompt: (PromptText | Annotated[list[PromptText], Field(min_length=1, max_length=MAX_PROMPTS)]
+             | Annotated[list[TokenId], Field(min_length=1, max_length=4096)]
+             | Annotated[list[Annotated[list[TokenId], Field(min_length=1, max_length=4096)]],
+                         Field(min_length=1, max_length=MAX_PROMPTS)]) = Field(
+        description="A string, a list of strings, a list of token ids, or a list of token-id lists; "
+                    "each prompt is its own choice.")
+    max_tokens: int | None = Field(default=16, ge=1, le=1_000_000)
+    temperature: float | None = Field(default=1.0, ge=0.0, le=2.0)
+    top_p: float | None = Field(default=1.0, gt=0.0, le=1.0)
+    n: int | None = Field(default=1, ge=1, le=MAX_CHOICES)
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    stop: StopText | Annotated[list[StopText], Field(max_length=MAX_STOP)] | None = None
+    seed: int | None = Field(default=None, ge=-(2**63), le=2**64 - 1)
+    echo: bool | None = False
+    logprobs: int | None = Field(default=None, ge=0, le=5)
+    best_of: int | None = Field(default=None, ge=1, le=MAX_CHOICES)
+    frequency_penalty: float | None = Field(default=0.0, ge=-2.0, le=2.0)
+    presence_penalty: float | None = Field(default=0.0, ge=-2.0, le=2.0)
+    logit_bias: dict[str, float] | None = None
+    suffix: str | None = Field(default=None, max_length=MAX_PROMPT_CHARS)
+    user: str | None = Field(default=None, max_length=256)
+    # extensions
+    top_k: int | None = Field(default=0, ge=-1, le=100_000, description="0 or -1: off.")
+    repetition_penalty: float | None = Field(default=1.0, gt=0.0, le=100.0, description="1: off (HF semantics).")
+    ignore_eos: bool | None = Field(default=False, description="Keep generating past the end-of-text token.")
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    finish_reason: str | None = Field(description="stop, length, or repetition (a degenerate loop was cut).")
+    logprobs: None = None
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage
+    system_fingerprint: str | None = None
+
+
+# --- models ---------------------------------------------------------------------------
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+# --- adapters -------------------------------------------------------------------------
+
+class AdapterOut(BaseModel):
+    object: Literal["adapter"] = "adapter"
+    id: str = Field(description="`name@version`")
+    name: str
+    version: int
+    peft_type: str
+    num_virtual_tokens: int
+    sha256: str
+    size_bytes: int
+    created_at: datetime
+
+
+class AdapterList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[AdapterOut]
+
+
+# --- datasets and jobs ----------------------------------------------------------------
+
+class DatasetOut(BaseModel):
+    object: Literal["dataset"] = "dataset"
+    id: str
+    num_examples: int
+    num_tokens: int
+    size_bytes: int
+    sha256: str
+    created_at: datetime
+
+
+class DatasetList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[DatasetOut]
+
+
+class JobCreated(BaseModel):
+    id: str
+    status: str
+
+
+class JobOut(BaseModel):
+    object: Literal["training_job"] = "training_job"
+    id: str
+    status: str
+    progress: float
+    step: int
+    total_steps: int | None
+    metrics: dict[str, Any]
+    adapter: str | None
+    error: str | None
+    adapter_name: str
+    dataset_id: str
+    method: str
+    params: dict[str, Any]
+    cancel_requested: bool
+    attempts: int
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+
+class JobList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[JobOut]
+
+
+# --- admin ----------------------------------------------------------------------------
+
+class TenantCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    name: StrictStr = Field(min_length=1, max_length=64)
+    max_concurrent: int | None = Field(default=None, ge=1, le=100_000)
+    rate_per_s: float | None = Field(default=None, gt=0, le=1e6)
+    rate_burst: int | None = Field(default=None, ge=1, le=1_000_000)
+
+
+class TenantOut(BaseModel):
+    object: Literal["tenant"] = "tenant"
+    id: str
+    name: str
+    created_at: datetime
+    max_concurrent: int | None
+    rate_per_s: float | None
+    rate_burst: int | None
+
+
+class TenantCreated(TenantOut):
+    api_key: str = Field(description="Shown once; only its SHA-256 is stored.")
+
+
+class TenantKey(BaseModel):
+    id: str
+    name: str
+    api_key: str
+
+
+class TenantList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[TenantOut]
+
+
+class Health(BaseModel):
+    status: str
+    checks: dict[str, str] = {}

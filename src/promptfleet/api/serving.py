@@ -1,0 +1,151 @@
+"""From an OpenAI completion request to engine work: resolve ``model`` (the base model id,
+an adapter ``name`` or ``name@N`` of the tenant) to a KV prefix from the device cache,
+turn the prompt into token-id lists, and build one ``SamplingParams`` per choice.
+Every refusal is an ``APIError`` that says what is wrong."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sqlalchemy.orm import Session
+
+from promptfleet.adapters.device_cache import AdapterCache
+from promptfleet.adapters.errors import AdapterIncompatible, AdapterNotFound, AdapterRejected
+from promptfleet.adapters.service import cache_key, load_adapter_weights, resolve_adapter
+from promptfleet.adapters.storage import BlobNotFoundError, BlobStorage, CorruptBlobError
+from promptfleet.api.errors import APIError, bad_request
+from promptfleet.api.schemas import MAX_CHOICES, CompletionRequest
+from promptfleet.platform.adapter import AdapterError, AdapterPrefix
+from promptfleet.platform.engine import Engine
+from promptfleet.platform.sampling import SamplingParams
+from promptfleet.settings import Settings
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    name: str                   # what the client asked for (echoed in responses)
+    label: str                  # metrics label: the base model id or the adapter name
+    scope: str                  # generation-cache scope: "base" or "<version id>:<sha256>"
+    prefix: AdapterPrefix | None
+
+
+def resolve_model(session: Session, *, engine: Engine, adapter_cache: AdapterCache, storage: BlobStorage,
+                  settings: Settings, tenant_id: str, model: str) -> ResolvedModel:
+    """Blocking (database, blob storage, prefix build on a cache miss): run it in a thread."""
+    if model == settings.model_id:
+        return ResolvedModel(name=model, label=model, scope="base", prefix=None)
+    try:
+        version = resolve_adapter(session, tenant_id=tenant_id, ref=model, model_config=engine.model_config)
+    except AdapterNotFound:
+        raise APIError(404, f"the model {model!r} does not exist: use {settings.model_id!r} or one of your "
+                            "adapters (GET /v1/models)", code="model_not_found", param="model") from None
+    except AdapterIncompatible as exc:
+        raise bad_request(str(exc), code="adapter_incompatible", param="model") from None
+    try:
+        prefix = adapter_cache.get_or_load(cache_key(version),
+                                           lambda: load_adapter_weights(storage=storage, version=version))
+    except (AdapterRejected, AdapterError) as exc:
+        raise APIError(422, f"adapter {version.ref!r} cannot be served: {exc}", code="adapter_unusable") from None
+    except (BlobNotFoundError, CorruptBlobError) as exc:
+        raise APIError(500, f"adapter {version.ref!r} cannot be read from storage: {exc}",
+                       code="storage_error") from None
+    return ResolvedModel(name=model, label=version.name, scope=f"{version.id}:{version.sha256}", prefix=prefix)
+
+
+def check_supported(req: CompletionRequest) -> None:
+    """Refuse the OpenAI parameters this server does not implement (when set to a non-default)."""
+    unsupported = []
+    if req.echo:
+        unsupported.append("echo")
+    if req.logprobs:
+        unsupported.append("logprobs")
+    if req.suffix:
+        unsupported.append("suffix")
+    if req.frequency_penalty:
+        unsupported.append("frequency_penalty (use repetition_penalty)")
+    if req.presence_penalty:
+        unsupported.append("presence_penalty (use repetition_penalty)")
+    if req.logit_bias:
+        unsupported.append("logit_bias")
+    if req.best_of is not None and req.best_of != (req.n or 1):
+        unsupported.append("best_of (other than equal to n)")
+    if unsupported:
+        raise bad_request(f"not supported: {', '.join(unsupported)}", code="unsupported_parameter",
+                          param=unsupported[0].split(" ")[0])
+
+
+def prompt_token_ids(req: CompletionRequest, *, engine: Engine, settings: Settings) -> list[list[int]]:
+    """Each prompt as token ids, checked against ``max_prompt_tokens`` and the vocabulary."""
+    p = req.prompt
+    if isinstance(p, str):
+        prompts: list = [p]
+    elif p and isinstance(p[0], int):
+        prompts = [p]
+    else:
+        prompts = list(p)
+    vocab = engine.model_config.vocab_size
+    out: list[list[int]] = []
+    for i, prompt in enumerate(prompts):
+        ids = engine.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        where = f"prompt {i}" if len(prompts) > 1 else "the prompt"
+        if len(ids) > settings.max_prompt_tokens:
+            raise bad_request(f"{where} has {len(ids)} tokens, more than the limit max_prompt_tokens="
+                              f"{settings.max_prompt_tokens}", code="prompt_too_long", param="prompt")
+        bad = next((t for t in ids if t >= vocab), None)
+        if bad is not None:
+            raise bad_request(f"{where} holds token id {bad}, outside the vocabulary [0, {vocab})",
+                              code="invalid_token_id", param="prompt")
+        out.append(ids)
+    return out
+
+
+def sampling_params(req: CompletionRequest, *, settings: Settings) -> list[SamplingParams]:
+    """One ``SamplingParams`` per sample (``n``); seeded samples get ``seed + j``."""
+    max_tokens = 16 if req.max_tokens is None else req.max_tokens
+    if max_tokens > settings.max_tokens_limit:
+        raise bad_request(f"max_tokens={max_tokens} is more than the limit max_tokens_limit="
+                          f"{settings.max_tokens_limit}", code="max_tokens_too_large", param="max_tokens")
+    stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
+    n = req.n or 1
+    base = dict(max_tokens=max_tokens, temperature=1.0 if req.temperature is None else req.temperature,
+                top_p=1.0 if req.top_p is None else req.top_p, top_k=max(0, req.top_k or 0),
+                repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
+                stop=stop, ignore_eos=bool(req.ignore_eos))
+    out = []
+    for j in range(n):
+        seed = None if req.seed is None else (req.seed + j) % (2**64)
+        try:
+            out.append(SamplingParams(seed=seed, **base))
+        except ValueError as exc:
+            raise bad_request(str(exc), code="invalid_sampling_params") from None
+    return out
+
+
+def check_context(prompts: list[list[int]], params: list[SamplingParams], *, model: ResolvedModel,
+                  max_model_len: int) -> None:
+    """Refuse, as OpenAI does, a prompt whose tokens (plus the adapter's virtual tokens)
+    and ``max_tokens`` do not fit the context window."""
+    n_virtual = 0 if model.prefix is None else model.prefix.num_virtual_tokens
+    max_tokens = max(p.max_tokens for p in params)
+    for i, ids in enumerate(prompts):
+        need = n_virtual + len(ids) + max_tokens
+        if need > max_model_len:
+            where = f"prompt {i}" if len(prompts) > 1 else "the prompt"
+            virtual = f" + {n_virtual} virtual tokens of the adapter" if n_virtual else ""
+            raise bad_request(f"this model's context is {max_model_len} tokens, but {where} has {len(ids)} tokens"
+                              f"{virtual} + max_tokens {max_tokens} = {need}; shorten the prompt or lower "
+                              "max_tokens", code="context_length_exceeded", param="max_tokens")
+
+
+@dataclass(frozen=True)
+class Choice:
+    index: int
+    prompt_ids: list[int]
+    params: SamplingParams
+
+
+def plan_choices(prompts: list[list[int]], params: list[SamplingParams]) -> list[Choice]:
+    """Choice ``i * n + j`` is sample ``j`` of prompt ``i`` (OpenAI's order)."""
+    if len(prompts) * len(params) > MAX_CHOICES:
+        raise bad_request(f"{len(prompts)} prompts x n={len(params)} is more than {MAX_CHOICES} choices",
+                          code="too_many_choices", param="n")
+    return [Choice(i * len(params) + j, ids, sp) for i, ids in enumerate(prompts) for j, sp in enumerate(params)]

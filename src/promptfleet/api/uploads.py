@@ -1,0 +1,111 @@
+"""Size caps on request bodies and uploaded files.
+
+``BodyLimitMiddleware`` (pure ASGI) refuses with 413 a body whose ``Content-Length`` is
+over the route's cap before reading any of it, and stops a body without (or lying
+about) its length as soon as the bytes received pass the cap -- the app's own response
+is then replaced by the 413. ``read_upload`` applies the exact cap to one file.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from collections.abc import Callable
+
+from fastapi import UploadFile
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from promptfleet.api.errors import error_body, too_large
+
+MULTIPART_SLACK = 64 << 10  # multipart envelope and form fields around the file
+CHUNK = 1 << 20
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class BodyLimit:
+    bytes: int
+    what: str  # for the message, e.g. "the adapter upload limit of 64 MiB (max_upload_mb)"
+
+
+def mib(n: int) -> str:
+    return f"{n / (1 << 20):g} MiB"
+
+
+class BodyLimitMiddleware:
+    def __init__(self, app: ASGIApp, *, limit_for: Callable[[str, str], BodyLimit | None]) -> None:
+        self.app = app
+        self.limit_for = limit_for  # (method, path) -> the cap, or None for none
+
+    async def _refuse(self, send: Send, limit: BodyLimit) -> None:
+        body = json.dumps(error_body(f"request body is larger than {limit.what}", status=413,
+                                     code="request_too_large")).encode()
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                                (b"connection", b"close")]})
+        await send({"type": "http.response.body", "body": body, "more_body": False})
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        cap = self.limit_for(scope["method"], scope["path"])
+        if cap is None:
+            await self.app(scope, receive, send)
+            return
+        limit = cap.bytes
+        for name, value in scope.get("headers", ()):
+            if name == b"content-length":
+                try:
+                    declared = int(value)
+                except ValueError:
+                    declared = None
+                if declared is not None and declared > limit:
+                    await self._refuse(send, cap)
+                    return
+        received = 0
+        exceeded = False
+        started = False
+
+        async def limited_receive() -> Message:
+            nonlocal received, exceeded
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    exceeded = True
+                    raise _BodyTooLarge()
+            return message
+
+        async def guarded_send(message: Message) -> None:
+            nonlocal started
+            if exceeded:
+                return  # the app's answer to a cut body is replaced by the 413 below
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, guarded_send)
+        except _BodyTooLarge:
+            pass
+        except Exception:
+            if not exceeded:
+                raise
+        if exceeded and not started:
+            await self._refuse(send, cap)
+
+
+def read_upload(file: UploadFile, *, limit: int, what: str) -> bytes:
+    """The whole file, read in chunks (blocking: call from a sync route); 413 as soon as
+    it passes ``limit`` bytes."""
+    parts: list[bytes] = []
+    size = 0
+    while chunk := file.file.read(CHUNK):
+        size += len(chunk)
+        if size > limit:
+            raise too_large(f"{what} is larger than the limit of {mib(limit)}")
+        parts.append(chunk)
+    return b"".join(parts)

@@ -1,0 +1,127 @@
+"""Per-tenant rate and concurrency limits (429 + Retry-After) and the engine's full queue
+(503 + Retry-After), through the app; plus the limiter itself on a fake clock."""
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+import pytest
+
+from promptfleet.api.limits import LimitExceeded, TenantLimiter, TenantLimits
+from promptfleet.platform.config import EngineConfig
+from promptfleet.platform.engine import Engine
+
+LONG = {"model": "gpt2", "prompt": "Hello", "max_tokens": 200, "temperature": 0, "ignore_eos": True}
+
+
+def test_token_bucket_on_a_fake_clock():
+    now = [100.0]
+    lim = TenantLimiter(clock=lambda: now[0])
+    limits = TenantLimits(max_concurrent=10, rate_per_s=2.0, burst=3)
+    for _ in range(3):
+        lim.check_rate("a", limits)
+    with pytest.raises(LimitExceeded) as exc:
+        lim.check_rate("a", limits)
+    assert exc.value.retry_after == pytest.approx(0.5)
+    lim.check_rate("b", limits)  # tenants have their own buckets
+    now[0] += 0.5
+    lim.check_rate("a", limits)
+    with pytest.raises(LimitExceeded):
+        lim.check_rate("a", limits)
+    now[0] += 100  # refills up to the burst, not beyond
+    for _ in range(3):
+        lim.check_rate("a", limits)
+    with pytest.raises(LimitExceeded):
+        lim.check_rate("a", limits)
+
+
+def test_concurrency_slots():
+    lim = TenantLimiter()
+    limits = TenantLimits(max_concurrent=2, rate_per_s=1, burst=1)
+    a, b = lim.acquire("t", limits), lim.acquire("t", limits)
+    with pytest.raises(LimitExceeded):
+        lim.acquire("t", limits)
+    lim.acquire("u", limits).release()
+    a.release()
+    a.release()  # idempotent
+    assert lim.active("t") == 1
+    lim.acquire("t", limits)
+    b.release()
+
+
+def test_rate_limit_is_429_with_retry_after(api):
+    tid, h = api.new_tenant(rate_per_s=0.2, rate_burst=2)
+    assert api.client.get("/v1/models", headers=h).status_code == 200
+    assert api.client.get("/v1/adapters", headers=h).status_code == 200
+    r = api.client.post("/v1/completions", json={"model": "gpt2", "prompt": "x"}, headers=h)
+    assert r.status_code == 429, r.text
+    assert r.json()["error"]["type"] == "rate_limit_error" and r.json()["error"]["code"] == "rate_limit_exceeded"
+    assert int(r.headers["retry-after"]) in (4, 5)
+    # another tenant is not affected
+    _, other = api.new_tenant()
+    assert api.client.get("/v1/models", headers=other).status_code == 200
+    assert 'promptfleet_rejected_requests_total{reason="rate",tenant="' in api.client.get("/metrics").text
+
+
+async def test_concurrency_cap_is_429(make_api):
+    api = make_api(max_tokens_limit=400)
+    tid, h = api.new_tenant(max_concurrent=1)
+    transport = httpx.ASGITransport(app=api.app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://api") as client:
+        first = asyncio.create_task(client.post("/v1/completions", json={**LONG, "max_tokens": 400}, headers=h))
+        for _ in range(500):
+            if api.state.limiter.active(tid) == 1:
+                break
+            await asyncio.sleep(0.005)
+        second = await client.post("/v1/completions", json={**LONG, "max_tokens": 2}, headers=h)
+        assert second.status_code == 429, second.text
+        assert second.headers["retry-after"] == "1"
+        assert "concurrent" in second.json()["error"]["message"]
+        assert (await first).status_code == 200
+        assert api.state.limiter.active(tid) == 0
+        assert (await client.post("/v1/completions", json={**LONG, "max_tokens": 2}, headers=h)).status_code == 200
+
+
+async def test_full_engine_queue_is_503_with_retry_after(make_api, small_checkpoint):
+    engine = Engine.from_pretrained(small_checkpoint, EngineConfig(max_queue=1, max_batch_size=1))
+    try:
+        api = make_api(engine=engine, max_tokens_limit=400)
+        _, h = api.new_tenant()
+        transport = httpx.ASGITransport(app=api.app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://api", timeout=60) as client:
+            first = asyncio.create_task(client.post("/v1/completions", json={**LONG, "max_tokens": 400}, headers=h))
+            for _ in range(500):
+                if engine.stats().running == 1:
+                    break
+                await asyncio.sleep(0.005)
+            rest = await asyncio.gather(*(client.post("/v1/completions", json={**LONG, "max_tokens": 300},
+                                                      headers=h) for _ in range(3)))
+            statuses = sorted(r.status_code for r in rest)
+            assert statuses == [200, 503, 503], [r.text for r in rest]
+            for r in rest:
+                if r.status_code == 503:
+                    assert r.headers["retry-after"] == "1"
+                    assert r.json()["error"]["code"] == "queue_full" and "queue is full" in r.json()["error"]["message"]
+            assert (await first).status_code == 200
+            stream = await client.post("/v1/completions", json={**LONG, "max_tokens": 4, "stream": True}, headers=h)
+            assert stream.status_code == 200
+        assert engine.stats().running == 0 and engine.stats().waiting == 0
+    finally:
+        engine.stop()
+
+
+async def test_a_burst_of_requests_does_not_exhaust_the_db_pool(api):
+    """64 requests at once: each holds a pooled DB connection only for its own queries, never
+    while it waits for a worker thread or the engine (else the pool of 15 SQLite connections
+    and the 40 worker threads starve each other until the pool's 30 s timeout)."""
+    _, h = api.new_tenant()
+    transport = httpx.ASGITransport(app=api.app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://api", timeout=60) as client:
+        async def one(i: int) -> int:
+            r = await client.post("/v1/completions", headers=h, json={
+                "model": "gpt2", "prompt": f"burst {i}", "max_tokens": 2, "temperature": 0, "stream": i % 2 == 0})
+            return r.status_code
+
+        statuses = await asyncio.wait_for(asyncio.gather(*(one(i) for i in range(64))), timeout=25)
+    assert statuses == [200] * 64
+    assert api.state.db_engine.pool.checkedout() == 0
