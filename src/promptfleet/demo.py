@@ -143,7 +143,20 @@ def _stop(proc: subprocess.Popen) -> None:
             proc.wait()
 
 
+def _quiet_libraries() -> None:
+    """The demo's output is its own: no library progress bars or deprecation chatter."""
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning)
+
+
 def run_demo(*, workdir: Path | None = None, port: int = 0, burst: int = 24) -> int:
+    _quiet_libraries()
     keep = workdir is not None
     root = Path(workdir) if keep else Path(tempfile.mkdtemp(prefix="promptfleet-demo-"))
     root.mkdir(parents=True, exist_ok=True)
