@@ -12,6 +12,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy import exc as sa_exc
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger(__name__)
@@ -118,6 +119,30 @@ async def _http_error(_request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse(error_body(detail, status=status), status_code=status, headers=headers)
 
 
+DB_RETRY_AFTER_S = 2
+
+
+def database_unavailable(exc: BaseException) -> bool:
+    """True for errors that mean "the database cannot be reached right now" (connection
+    refused or dropped, pool exhausted) rather than a bug in a query."""
+    if isinstance(exc, (sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.TimeoutError)):
+        return True
+    return isinstance(exc, sa_exc.DBAPIError) and bool(exc.connection_invalidated)
+
+
+async def _database_error(request: Request, exc: Exception) -> JSONResponse:
+    """503 + Retry-After while the database is unreachable (it recovers by itself: the pool
+    pre-pings and reconnects); any other database error is a 500 like every unexpected one."""
+    if not database_unavailable(exc):
+        return await _unexpected(request, exc)
+    first_line = str(getattr(exc, "orig", None) or exc).strip().splitlines()[:1]
+    log.warning("database unavailable on %s %s: %s: %s", request.method, request.url.path, type(exc).__name__,
+                first_line[0] if first_line else "")
+    return JSONResponse(error_body("the database is temporarily unavailable; retry later", status=503,
+                                   code="database_unavailable"),
+                        status_code=503, headers={"Retry-After": str(DB_RETRY_AFTER_S)})
+
+
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
     return JSONResponse(error_body("internal server error", status=500), status_code=500)
@@ -127,4 +152,5 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(APIError, _api_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(sa_exc.SQLAlchemyError, _database_error)
     app.add_exception_handler(Exception, _unexpected)

@@ -18,7 +18,7 @@ def run_server(settings: Settings, host: str = "127.0.0.1", port: int = 8000) ->
     One process holds one engine: scale out with more processes or machines, each its own
     server, not with uvicorn workers inside one."""
     configure_logging(level=settings.log_level, json_lines=settings.log_json)
-    config = uvicorn.Config(create_app(settings), host=host, port=port, log_config=None, access_log=False,
+    config = uvicorn.Config(create_app(settings), host=host, port=port, log_config=None, access_log=False, timeout_keep_alive=30,
                             timeout_graceful_shutdown=10, lifespan="on")
     log.info("PromptFleet API on http://%s:%d", host, port)
     uvicorn.Server(config).run()
