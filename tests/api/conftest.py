@@ -16,12 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import torch
 import uvicorn
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
-from peft import PrefixTuningConfig, PromptTuningConfig, get_peft_model
-from transformers import GPT2LMHeadModel
 
 from promptfleet.api import create_app
 from promptfleet.platform.adapter import load_adapter_dir
@@ -29,28 +26,13 @@ from promptfleet.platform.config import EngineConfig
 from promptfleet.platform.engine import Engine
 from promptfleet.platform.sampling import SamplingParams
 from promptfleet.settings import Settings
+from promptfleet.testing import make_peft_adapter
 
 ADMIN_KEY = "pf-admin-test-key"
 PG_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 
 
 # --------------------------------------------------------------------------- adapters
-def make_peft_adapter(checkpoint: Path, out: Path, method: str, n_virtual: int, seed: int) -> Path:
-    """A PEFT adapter of ``method`` with seeded non-trivial weights, saved by PEFT itself."""
-    torch.manual_seed(seed)
-    base = GPT2LMHeadModel.from_pretrained(checkpoint)
-    if method == "prompt_tuning":
-        cfg = PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=n_virtual)
-    elif method == "prefix_tuning":
-        cfg = PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=n_virtual)
-    else:
-        raise ValueError(method)
-    model = get_peft_model(base, cfg)
-    with torch.no_grad():
-        for p in model.prompt_encoder.parameters():
-            p.add_(torch.randn_like(p) * 0.5)
-    model.save_pretrained(out)
-    return out
 
 
 def zip_dir(path: Path) -> bytes:

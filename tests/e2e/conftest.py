@@ -31,6 +31,7 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
+from promptfleet.testing import make_peft_adapter
 
 PG_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 PG_HOST, PG_PORT = "127.0.0.1", 5432
@@ -450,25 +451,6 @@ def pg_proxy() -> Iterator[TcpProxy]:
 
 
 # --------------------------------------------------------------------------- adapters and references
-def make_peft_adapter(checkpoint: Path, out: Path, method: str, n_virtual: int, seed: int) -> Path:
-    """A PEFT adapter of ``method`` with seeded non-trivial weights, saved by PEFT itself."""
-    from peft import PrefixTuningConfig, PromptTuningConfig, get_peft_model
-    from transformers import GPT2LMHeadModel
-
-    torch.manual_seed(seed)
-    base = GPT2LMHeadModel.from_pretrained(checkpoint)
-    if method == "prompt_tuning":
-        cfg = PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=n_virtual)
-    elif method == "prefix_tuning":
-        cfg = PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=n_virtual)
-    else:
-        raise ValueError(method)
-    model = get_peft_model(base, cfg)
-    with torch.no_grad():
-        for p in model.prompt_encoder.parameters():
-            p.add_(torch.randn_like(p) * 0.5)
-    model.save_pretrained(out)
-    return out
 
 
 def zip_dir(path: Path) -> bytes:

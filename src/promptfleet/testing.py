@@ -1,0 +1,52 @@
+"""Helpers shared by the test suites, benchmarks and demo: PEFT adapters made by PEFT
+itself, and PEFT's own greedy generation as the reference our engine must match."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+
+def make_peft_adapter(checkpoint: Path, out: Path, method: str, n_virtual: int, seed: int) -> Path:
+    """Build a PEFT adapter of ``method`` (prompt_tuning, p_tuning, prefix_tuning) with
+    seeded non-trivial weights and ``save_pretrained`` it to ``out``."""
+    from peft import PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig, get_peft_model
+    from transformers import GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    base = GPT2LMHeadModel.from_pretrained(checkpoint)
+    if method == "prompt_tuning":
+        cfg = PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=n_virtual)
+    elif method == "p_tuning":
+        cfg = PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=n_virtual, encoder_hidden_size=64)
+    elif method == "prefix_tuning":
+        cfg = PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=n_virtual)
+    else:
+        raise ValueError(f"unknown method {method!r}")
+    model = get_peft_model(base, cfg)
+    with torch.no_grad():
+        for p in model.prompt_encoder.parameters():
+            p.add_(torch.randn_like(p) * 0.5)
+    model.save_pretrained(out)
+    return out
+
+
+def peft_greedy(checkpoint: Path, adapter_dir: Path | None, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
+    """The reference: PEFT (or plain transformers) generate on this request alone.
+
+    ``use_cache=False``: with transformers 5.24 + peft 0.21, PeftModel.generate's cached
+    path re-prepends the soft prompt at every decode step for PROMPT_TUNING/P_TUNING
+    (seen by hooking wpe: 7 virtual + 1 real token fed per step), so its tokens diverge
+    from PeftModel's own forward after the first one. Without the cache, generate runs
+    PEFT's forward on the whole sequence each step: the definition of prompt tuning.
+    """
+    from peft import PeftModel
+    from transformers import GPT2LMHeadModel
+
+    base = GPT2LMHeadModel.from_pretrained(checkpoint).eval()
+    model = base if adapter_dir is None else PeftModel.from_pretrained(base, adapter_dir).eval()
+    ids = torch.tensor([prompt_ids])
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                             do_sample=False, pad_token_id=50256, eos_token_id=50256, use_cache=False)
+    return out[0, len(prompt_ids):].tolist()
