@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session
 from promptfleet.api.errors import APIError, too_many_requests, unauthorized
 from promptfleet.api.limits import LimitExceeded, TenantLimits
 from promptfleet.api.state import AppState
+from promptfleet.db import session_scope
 from promptfleet.settings import Settings
 from promptfleet.tenants.models import Tenant
 from promptfleet.tenants.service import authenticate
@@ -47,15 +48,8 @@ SettingsDep = Annotated[Settings, Depends(get_settings)]
 
 def get_session(state: StateDep) -> Iterator[Session]:
     """One session per request: committed when the route returns, rolled back on error."""
-    session = state.session_factory()
-    try:
+    with session_scope(state.session_factory) as session:
         yield session
-        session.commit()
-    except BaseException:
-        session.rollback()
-        raise
-    finally:
-        session.close()
 
 
 SessionDep = Annotated[Session, Depends(get_session)]

@@ -103,7 +103,9 @@ class Sequence:
         self.output_ids.append(token)
         self._text = self.decode(self.output_ids)
         if p.stop:
-            start = max(0, len(self._text) - len(token_text_window(self._text)) - max(map(len, p.stop)))
+            # a new token can change the last few characters (decoding is not prefix-stable
+            # around multi-byte characters): search from 16 characters before the old end
+            start = max(0, len(self._text) - 16 - max(map(len, p.stop)))
             hits = [i for i in (self._text.find(s, start) for s in p.stop) if i >= 0]
             if hits:
                 self._text = self._text[: min(hits)]
@@ -146,8 +148,3 @@ class Sequence:
         self.emit(CompletionDelta(text="", token_ids=[], finish_reason="error", prompt_tokens=len(self.prompt_ids),
                                   completion_tokens=len(self.output_ids), error=message))
 
-
-def token_text_window(text: str) -> str:
-    """The part of the text a new token can have changed (decoding is not prefix-stable
-    around multi-byte characters): the last 16 characters."""
-    return text[-16:]
