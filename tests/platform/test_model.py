@@ -6,6 +6,7 @@ import torch
 from transformers import GPT2LMHeadModel
 
 from promptfleet.platform.config import ModelConfig, resolve_dtype
+from promptfleet.platform.linear_kernels import onednn_linear_available, resolve_kernels
 from promptfleet.platform.model import DenseCache
 from promptfleet.platform.random_checkpoint import make_random_checkpoint
 from promptfleet.platform.tokenizer import load_tokenizer
@@ -18,11 +19,17 @@ def _ours_logits(model, ids: torch.Tensor) -> torch.Tensor:
     return model.logits(model(ids, pos, cache))
 
 
+KERNELS = ["torch", pytest.param("onednn", marks=pytest.mark.skipif(
+    not onednn_linear_available(torch.device("cpu"), torch.float32), reason="this torch has no oneDNN"))]
+
+
+@pytest.mark.parametrize("kernels", KERNELS)
 @pytest.mark.parametrize("shape", ["tiny", "small-test"])
-def test_logits_match_transformers(tmp_path, shape):
+def test_logits_match_transformers(tmp_path, shape, kernels):
     ckpt = make_random_checkpoint(tmp_path / shape, shape=shape, seed=7)  # unscaled: HF's own init
     ref = GPT2LMHeadModel.from_pretrained(ckpt).eval()
-    ours = load_gpt2(ckpt)
+    ours = load_gpt2(ckpt, linear_kernels=kernels)
+    assert ours.linear_kernels == kernels
     ids = torch.randint(0, 50257, (3, 17), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         want = ref(ids).logits
@@ -30,8 +37,9 @@ def test_logits_match_transformers(tmp_path, shape):
     assert torch.allclose(got, want, atol=1e-4, rtol=0), (got - want).abs().max()
 
 
-def test_kv_cache_decode_matches_full_forward(tiny_checkpoint):
-    model = load_gpt2(tiny_checkpoint)
+@pytest.mark.parametrize("kernels", KERNELS)
+def test_kv_cache_decode_matches_full_forward(tiny_checkpoint, kernels):
+    model = load_gpt2(tiny_checkpoint, linear_kernels=kernels)
     ids = torch.randint(0, 50257, (2, 12), generator=torch.Generator().manual_seed(1))
     full = _ours_logits(model, ids)
     cache = DenseCache(model.config.n_layer)
@@ -60,8 +68,9 @@ def test_dtypes():
         resolve_dtype("cpu", "float16")
 
 
-def test_bfloat16_on_cpu_runs(tiny_checkpoint):
-    model = load_gpt2(tiny_checkpoint, dtype=torch.bfloat16)
+@pytest.mark.parametrize("kernels", KERNELS)
+def test_bfloat16_on_cpu_runs(tiny_checkpoint, kernels):
+    model = load_gpt2(tiny_checkpoint, dtype=torch.bfloat16, linear_kernels=kernels)
     fp32 = load_gpt2(tiny_checkpoint)
     ids = torch.tensor([[15496, 995, 11, 314]])
     a, b = _ours_logits(model, ids), _ours_logits(fp32, ids)
@@ -69,6 +78,35 @@ def test_bfloat16_on_cpu_runs(tiny_checkpoint):
     assert (a.argmax(-1) == b.argmax(-1)).float().mean() >= 0.75
 
 
+def test_auto_kernels_pick_onednn_on_cpu_where_available_and_refuse_unknown_names(tiny_checkpoint):
+    expected = "onednn" if onednn_linear_available(torch.device("cpu"), torch.float32) else "torch"
+    assert load_gpt2(tiny_checkpoint).linear_kernels == expected
+    assert resolve_kernels("auto", torch.device("cuda"), torch.float16) == "torch"
+    with pytest.raises(ValueError, match="oneDNN linears need a CPU"):
+        resolve_kernels("onednn", torch.device("cuda"), torch.float16)
+    with pytest.raises(ValueError, match="unknown linear kernels"):
+        load_gpt2(tiny_checkpoint, linear_kernels="fast")
+
+
 def test_tokenizer_is_real_gpt2_bpe(tiny_checkpoint):
     assert load_tokenizer(None).encode("Hello world") == [15496, 995]
     assert load_tokenizer(tiny_checkpoint).encode("Hello world") == [15496, 995]
+
+
+@pytest.mark.parametrize("activation", ["gelu", "relu", "gelu_pytorch_tanh"])
+@pytest.mark.parametrize("kernels", KERNELS)
+def test_other_activations_match_transformers(tmp_path, activation, kernels):
+    """The oneDNN path fuses the MLP activation into c_fc: each supported one must match."""
+    import json
+
+    ckpt = make_random_checkpoint(tmp_path / "ckpt", shape="tiny", seed=3, scale=8.0)  # activations O(1)
+    cfg = json.loads((ckpt / "config.json").read_text())
+    cfg["activation_function"] = activation
+    (ckpt / "config.json").write_text(json.dumps(cfg))
+    ref = GPT2LMHeadModel.from_pretrained(ckpt).eval()
+    ids = torch.randint(0, 50257, (2, 9), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        want = ref(ids).logits
+    got = _ours_logits(load_gpt2(ckpt, linear_kernels=kernels), ids)
+    tol = 1e-5 * want.abs().max()  # fp32 rounding on logits of this size; a wrong GELU is ~100x off
+    assert (got - want).abs().max() <= tol, ((got - want).abs().max(), tol)

@@ -107,6 +107,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default=None)
     ap.add_argument("--attention", default="auto", choices=["auto", "sdpa", "flash"])
+    ap.add_argument("--linear-kernels", default="auto", choices=["auto", "onednn", "torch"])
     ap.add_argument("--rounds", type=int, default=2, help="alternating rounds of (a) and (b); best of each")
     ap.add_argument("--skip-baseline", action="store_true", help="skip (c) and (c2), the sequential loops")
     ap.add_argument("--peft-requests", type=int, default=4,
@@ -119,7 +120,7 @@ def main(argv: list[str] | None = None) -> None:
     gen = torch.Generator().manual_seed(0)
     prompts = [torch.randint(0, 50000, (args.prompt_tokens,), generator=gen).tolist() for _ in range(n)]
     engine = Engine.from_pretrained(ckpt, EngineConfig(device=args.device, dtype=args.dtype, max_batch_size=max(64, n),
-                                                       attention=args.attention,
+                                                       attention=args.attention, linear_kernels=args.linear_kernels,
                                                        repetition=RepetitionConfig(enabled=False)))
     with tempfile.TemporaryDirectory() as tmp:
         dirs = make_adapters(ckpt, Path(tmp) / "adapters", n, args.virtual_tokens, seed=1)
@@ -146,7 +147,8 @@ def main(argv: list[str] | None = None) -> None:
             wall_c2 = run_hf_soft_prompt(peft_model, n, prompts, new)
     cfg = engine.model_config
     dtype = engine.dtype
-    peak = matmul_peak_flops(dtype, args.device)
+    peaks = matmul_peak_flops(dtype, args.device)
+    peak = peaks["peak"]
     avg_ctx = args.virtual_tokens + args.prompt_tokens + new / 2
     flops_per_token = 2 * cfg.n_params + 4 * cfg.n_layer * cfg.n_embd * avg_ctx
     decode_flops = decode_tokens * flops_per_token / decode_s
@@ -163,7 +165,9 @@ def main(argv: list[str] | None = None) -> None:
         "a_over_c": None if wall_c is None else round(wall_c / wall_a, 2),
         "a_over_c2": None if wall_c2 is None else round(wall_c2 / wall_a, 2),
         "a_over_b": round(wall_b / wall_a, 3),
+        "linear_kernels": engine.model.linear_kernels,
         "d_matmul_peak_gflops": round(peak / 1e9, 1),
+        "d_peak_by_kernel_gflops": {k: round(v / 1e9, 1) for k, v in peaks.items() if k != "peak"},
         "decode_gflops": round(decode_flops / 1e9, 1),
         "decode_mfu": round(decode_flops / peak, 3),
         "decode_step_ms_at_batch": round(1000 * decode_s / max(1, decode_tokens) * n, 1),

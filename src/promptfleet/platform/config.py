@@ -104,5 +104,6 @@ class EngineConfig:
     max_model_len: int | None = None  # default: the backbone's n_positions
     max_prefill_tokens: int = 4096    # padded prompt tokens prefilled in one step
     attention: str = "auto"           # auto | sdpa | flash
+    linear_kernels: str = "auto"      # auto | onednn | torch (see linear_kernels.py)
     repetition: RepetitionConfig = field(default_factory=RepetitionConfig)
     num_threads: int | None = None    # torch intra-op threads on CPU

@@ -97,7 +97,7 @@ class Engine:
         dtype = resolve_dtype(config.device, config.dtype)
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
-        model = load_gpt2(path, device=config.device, dtype=dtype)
+        model = load_gpt2(path, device=config.device, dtype=dtype, linear_kernels=config.linear_kernels)
         engine = cls(model, load_tokenizer(path), config)
         engine.checkpoint_path = path
         return engine

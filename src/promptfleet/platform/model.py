@@ -48,6 +48,7 @@ class Block(nn.Module):
         self.c_fc = nn.Linear(d, 4 * d)
         self.mlp_proj = nn.Linear(4 * d, d)
         self.act = _activation(cfg.activation_function)
+        self.fused_activation = False  # True once c_fc applies the activation itself (linear_kernels)
 
     def forward(self, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
         b, t, d = x.shape
@@ -55,7 +56,8 @@ class Block(nn.Module):
         q, k, v = qkv.unbind(dim=2)
         y = ctx.attend(self.index, q, k, v).reshape(b, t, d)
         x = x + self.attn_proj(y)
-        x = x + self.mlp_proj(self.act(self.c_fc(self.ln_2(x))))
+        h = self.c_fc(self.ln_2(x))
+        x = x + self.mlp_proj(h if self.fused_activation else self.act(h))
         return x
 
 
@@ -67,6 +69,8 @@ class GPT2(nn.Module):
         self.wpe = nn.Embedding(cfg.n_positions, cfg.n_embd)
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
         self.ln_f = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_epsilon)
+        self.lm_head: nn.Module | None = None  # set by linear_kernels.pack_linears
+        self.linear_kernels = "torch"
 
     def embed(self, input_ids: torch.Tensor | None, positions: torch.Tensor,
               inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
@@ -83,6 +87,8 @@ class GPT2(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Tied LM head; logits come back in float32."""
+        if self.lm_head is not None:
+            return self.lm_head(hidden).float()
         return F.linear(hidden, self.wte.weight).float()
 
 

@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from promptfleet.platform.config import ModelConfig
+from promptfleet.platform.linear_kernels import pack_linears
 from promptfleet.platform.model import GPT2
 
 log = logging.getLogger(__name__)
@@ -83,7 +84,9 @@ def _strip_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def load_gpt2(name_or_path: str | Path, *, device: str = "cpu", dtype: torch.dtype = torch.float32) -> GPT2:
+def load_gpt2(name_or_path: str | Path, *, device: str = "cpu", dtype: torch.dtype = torch.float32,
+              linear_kernels: str = "auto") -> GPT2:
+    """Our ``GPT2`` on ``device``/``dtype``; ``linear_kernels`` as in ``linear_kernels.pack_linears``."""
     path = resolve_checkpoint(name_or_path)
     cfg = ModelConfig.from_pretrained(path)
     state = _strip_prefix(read_state_dict(path))
@@ -102,5 +105,7 @@ def load_gpt2(name_or_path: str | Path, *, device: str = "cpu", dtype: torch.dty
         model = GPT2(cfg)
     model.load_state_dict({k: v.to(dtype) for k, v in ours.items()}, strict=True, assign=True)
     model = model.to(device=device).eval().requires_grad_(False)
-    log.info("loaded GPT-2 %s: %d layers, d=%d, %s on %s", path, cfg.n_layer, cfg.n_embd, dtype, device)
+    kernels = pack_linears(model, linear_kernels)
+    log.info("loaded GPT-2 %s: %d layers, d=%d, %s on %s, %s linears", path, cfg.n_layer, cfg.n_embd, dtype,
+             device, kernels)
     return model

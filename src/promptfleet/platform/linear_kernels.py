@@ -1,0 +1,107 @@
+"""Inference linears on oneDNN-packed weights (CPU).
+
+PyTorch's CPU ``F.linear`` calls MKL's sgemm, which on AMD CPUs runs its AVX2 code
+path; oneDNN (shipped inside torch) JITs AVX-512 kernels for whatever CPU it finds.
+Measured on this project's 2-core AMD EPYC (Zen 5) for the decode shapes of GPT-2-small
+at batch 32: 150-170 GFLOP/s with ``F.linear`` against 450-460 with oneDNN on weights
+packed once into its blocked layout, the same fp32 arithmetic (max |diff| ~1e-4 on
+outputs of size ~30). The MLP's GELU is fused into the packed ``c_fc``.
+
+``pack_linears(model)`` swaps every block's ``nn.Linear`` for a ``PackedLinear`` and
+gives the model a packed copy of the tied LM head; ``kernels="torch"`` keeps plain
+PyTorch (and is what every non-CPU device gets).
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+KERNELS = ("auto", "onednn", "torch")
+# oneDNN picks its blocking from the expected rows; 32 is the decode batch we tune for
+# and stays within a few percent of the best packing from 8 to 1024 rows.
+PACK_ROWS_HINT = 32
+
+
+def onednn_linear_available(device: torch.device, dtype: torch.dtype) -> bool:
+    return (
+        device.type == "cpu"
+        and dtype in (torch.float32, torch.bfloat16)
+        and torch.backends.mkldnn.is_available()
+        and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+        and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+    )
+
+
+def resolve_kernels(kernels: str, device: torch.device, dtype: torch.dtype) -> str:
+    """``auto`` -> ``onednn`` where it is available, else ``torch``."""
+    if kernels not in KERNELS:
+        raise ValueError(f"unknown linear kernels {kernels!r}; use one of {', '.join(KERNELS)}")
+    available = onednn_linear_available(device, dtype)
+    if kernels == "onednn" and not available:
+        raise ValueError(f"oneDNN linears need a CPU tensor in float32 or bfloat16 (got {device.type}, {dtype})")
+    if kernels == "auto":
+        return "onednn" if available else "torch"
+    return kernels
+
+
+# our activation names -> oneDNN post-op (attr, algorithm)
+_FUSABLE = {
+    "gelu_new": ("gelu", "tanh"), "gelu_pytorch_tanh": ("gelu", "tanh"), "gelu_fast": ("gelu", "tanh"),
+    "gelu": ("gelu", "none"), "relu": ("relu", ""),
+}
+
+
+class PackedLinear(nn.Module):
+    """``y = act(x @ W.T + b)`` on a oneDNN-packed ``W`` (inference only)."""
+
+    def __init__(self, linear: nn.Linear | torch.Tensor, *, activation: str | None = None) -> None:
+        super().__init__()
+        weight = linear.weight if isinstance(linear, nn.Linear) else linear
+        bias = linear.bias if isinstance(linear, nn.Linear) else None
+        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
+        self.activation = activation
+        self.attr, self.algorithm = _FUSABLE[activation] if activation else ("none", "")
+        with torch.no_grad():
+            packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), PACK_ROWS_HINT)
+        # plain attributes, not parameters: an opaque oneDNN tensor has no storage to
+        # save, move or hash, and nothing trains these
+        self.packed_weight = packed
+        self.bias = None if bias is None else bias.detach().clone()
+
+    @property
+    def weight_dtype(self) -> torch.dtype:
+        return self.packed_weight.dtype
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, self.attr, [], self.algorithm)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, fused={self.activation}"
+
+
+def pack_linears(model: nn.Module, kernels: str = "auto") -> str:
+    """Switch ``model`` (our ``GPT2``) to packed linears in place; returns the kernels used."""
+    from promptfleet.platform.model import GPT2  # model imports nothing from here
+
+    assert isinstance(model, GPT2)
+    weight = model.wte.weight
+    chosen = resolve_kernels(kernels, weight.device, weight.dtype)
+    if model.linear_kernels == "onednn":
+        return "onednn"  # already packed (packing is one-way)
+    if chosen == "torch":
+        return "torch"
+    act = model.config.activation_function
+    for block in model.blocks:
+        block.c_attn = PackedLinear(block.c_attn)
+        block.attn_proj = PackedLinear(block.attn_proj)
+        block.c_fc = PackedLinear(block.c_fc, activation=act)
+        block.fused_activation = True
+        block.mlp_proj = PackedLinear(block.mlp_proj)
+    model.lm_head = PackedLinear(weight)  # a packed copy; wte itself still serves lookups
+    model.linear_kernels = "onednn"
+    log.info("linears packed for oneDNN (%d blocks + LM head)", len(model.blocks))
+    return "onednn"
