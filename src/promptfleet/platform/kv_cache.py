@@ -2,11 +2,13 @@
 0..B-1 of the running batch are slots 0..B-1), so a decode step reads the batch's keys
 as one strided view with no gather.
 
-Layout per layer: ``[slots, heads, max_len + 1, head_dim]`` for SDPA (position
-``max_len`` is a scratch row that padded prefill tokens write into) and
-``[slots, max_len + pad, heads, head_dim]`` for flash-attn's ``flash_attn_with_kvcache``.
-On CPU ``torch.empty`` only reserves address space: pages become resident as tokens are
-written, so memory follows use; admission is bounded by a token budget (``Scheduler``).
+Layout per layer, for both backends: ``[slots, max_len + pad, heads, head_dim]``, so one
+token's keys for all heads are one contiguous row: a decode step writes B rows of
+``heads * head_dim`` (not B * heads scattered ones) and SDPA reads ``[B, H, T, D]`` as a
+strided view. ``pad`` is 1 for SDPA (position ``max_len`` is a scratch row that padded
+prefill tokens write into) and ``max_len`` for flash-attn, which appends past each row's
+end. On CPU ``torch.empty`` only reserves address space: pages become resident as tokens
+are written, so memory follows use; admission is bounded by a token budget (``Scheduler``).
 """
 from __future__ import annotations
 
@@ -34,10 +36,7 @@ class SlotKVCache:
                  dtype: torch.dtype, backend: str, prefill_pad: int = 0) -> None:
         self.cfg, self.max_slots, self.max_len, self.backend = cfg, max_slots, max_len, backend
         h, d = cfg.n_head, cfg.head_dim
-        if backend == "flash":
-            shape = (max_slots, max_len + prefill_pad, h, d)
-        else:
-            shape = (max_slots, h, max_len + 1, d)
+        shape = (max_slots, max_len + (prefill_pad if backend == "flash" else 1), h, d)
         self.k = [torch.empty(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
         self.v = [torch.empty(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
         # Positions below initialized[slot] hold finite data. A batch reads keys up to its
@@ -53,8 +52,8 @@ class SlotKVCache:
             lo = self.initialized[slot]
             if lo < upto:
                 for layer in range(self.cfg.n_layer):
-                    self.k[layer][slot, :, lo:upto].zero_()
-                    self.v[layer][slot, :, lo:upto].zero_()
+                    self.k[layer][slot, lo:upto].zero_()
+                    self.v[layer][slot, lo:upto].zero_()
                 self.initialized[slot] = upto
 
     @property
@@ -67,22 +66,15 @@ class SlotKVCache:
         self.initialized[slot] = max(self.initialized[slot], n)
         for layer in range(self.cfg.n_layer):
             pk, pv = prefix.k[layer], prefix.v[layer]  # [H, n, D]
-            if self.backend == "flash":
-                self.k[layer][slot, :n].copy_(pk.transpose(0, 1))
-                self.v[layer][slot, :n].copy_(pv.transpose(0, 1))
-            else:
-                self.k[layer][slot, :, :n].copy_(pk)
-                self.v[layer][slot, :, :n].copy_(pv)
+            self.k[layer][slot, :n].copy_(pk.transpose(0, 1))
+            self.v[layer][slot, :n].copy_(pv.transpose(0, 1))
 
     def move(self, src: int, dst: int, length: int) -> None:
         """Copy the first ``length`` cached tokens of slot ``src`` into slot ``dst``."""
         self.initialized[dst] = max(self.initialized[dst], length)
         for layer in range(self.cfg.n_layer):
             for t in (self.k[layer], self.v[layer]):
-                if self.backend == "flash":
-                    t[dst, :length].copy_(t[src, :length])
-                else:
-                    t[dst, :, :length].copy_(t[src, :, :length])
+                t[dst, :length].copy_(t[src, :length])
 
 
 class SlotBatch:
@@ -103,11 +95,8 @@ class SlotBatch:
             valid = steps[None, :] < torch.tensor(q_lens, device=dev)[:, None]
             pos = torch.where(valid, pos, torch.full_like(pos, cache.max_len))
         self.write_pos = pos
-        # flat rows for k/v laid out [B, T, H, D]: ((slot * H + h) * T1 + pos)
-        h_count, t1 = cache.k[0].shape[1], cache.k[0].shape[2]
-        heads = torch.arange(h_count, device=dev)
-        self.flat_index = (((self.rows[:, None, None] * h_count + heads[None, None, :]) * t1)
-                           + pos[:, :, None]).reshape(-1)
+        # row (slot, pos) of a layer's cache viewed as [slots * positions, H * D]
+        self.flat_index = (self.rows[:, None] * cache.k[0].shape[1] + pos).reshape(-1)
         self.tk = max(s + q for s, q in zip(start, q_lens))
         cache.ensure_initialized(slot0, self.B, self.tk)
         if T == 1 and min(start) == max(start):
@@ -121,13 +110,13 @@ class SlotBatch:
         if c.backend == "flash":
             return self._flash(layer, q, k, v)
         kc, vc = c.k[layer], c.v[layer]
-        # one index_copy_ into a flat [slots*heads*positions, D] view (much cheaper than
-        # advanced-index assignment): row (slot, head, pos) -> (slot*H + head)*T1 + pos
-        n = k.shape[0] * k.shape[1] * k.shape[2]
-        kc.view(-1, kc.shape[-1]).index_copy_(0, self.flat_index, k.reshape(n, -1))
-        vc.view(-1, vc.shape[-1]).index_copy_(0, self.flat_index, v.reshape(n, -1))
+        # one index_copy_ of B*T token rows into the flat [slots*positions, H*D] view
+        # (much cheaper than advanced-index assignment)
+        n, width = k.shape[0] * k.shape[1], k.shape[2] * k.shape[3]
+        kc.view(-1, width).index_copy_(0, self.flat_index, k.reshape(n, width))
+        vc.view(-1, width).index_copy_(0, self.flat_index, v.reshape(n, width))
         s0, s1 = self.slot0, self.slot0 + self.B
-        keys, values = kc[s0:s1, :, : self.tk], vc[s0:s1, :, : self.tk]
+        keys, values = kc[s0:s1, : self.tk].transpose(1, 2), vc[s0:s1, : self.tk].transpose(1, 2)
         out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=self.mask,
                                              scale=1.0 / math.sqrt(q.shape[-1]))
         return out.transpose(1, 2)
