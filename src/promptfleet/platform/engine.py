@@ -41,6 +41,11 @@ class UnknownAdapterError(KeyError):
     pass
 
 
+def _put_all(items: list[tuple[asyncio.Queue, CompletionDelta]]) -> None:
+    for queue, delta in items:
+        queue.put_nowait(delta)
+
+
 @dataclass(frozen=True)
 class EngineStats:
     running: int
@@ -77,6 +82,9 @@ class Engine:
                                    max_queue=c.max_queue, max_model_len=self.max_model_len)
         self.adapters: dict[str, AdapterPrefix] = {}
         self._inbox: list[tuple[str, object]] = []
+        # deltas produced by the engine thread, handed to their event loops once per step
+        # (one wake-up per loop, not one per request and token)
+        self._outbox: list[tuple[asyncio.AbstractEventLoop, asyncio.Queue, CompletionDelta]] = []
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._pending = 0
@@ -163,7 +171,7 @@ class Engine:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[CompletionDelta] = asyncio.Queue()
         seq = Sequence(prompt_ids=ids, params=params, adapter=prefix,
-                       emit=lambda d: loop.call_soon_threadsafe(queue.put_nowait, d),
+                       emit=lambda d: self._outbox.append((loop, queue, d)),
                        decode=self._decode, eos_token_id=self.model_config.eos_token_id,
                        repetition=self.config.repetition)
         self.scheduler.check_fits(seq)
@@ -240,9 +248,25 @@ class Engine:
                 for seq in list(self.scheduler.running) + list(self.scheduler.waiting):
                     seq.fail(f"engine error: {exc}")
                     self.scheduler.release(seq)
+            self._deliver()
         for seq in list(self.scheduler.running) + list(self.scheduler.waiting):
             seq.fail("engine stopped")
             self.scheduler.release(seq)
+        self._deliver()
+
+    def _deliver(self) -> None:
+        """Hand this step's deltas to their event loops: one ``call_soon_threadsafe`` per loop."""
+        if not self._outbox:
+            return
+        outbox, self._outbox = self._outbox, []
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, CompletionDelta]]] = {}
+        for loop, queue, delta in outbox:
+            by_loop.setdefault(loop, []).append((queue, delta))
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, items)
+            except RuntimeError:  # that loop is closed: nobody is listening any more
+                pass
 
     @torch.inference_mode()
     def step(self) -> None:
