@@ -10,6 +10,7 @@ import torch
 
 from promptfleet.platform.adapter import AdapterPrefix
 from promptfleet.platform.config import RepetitionConfig
+from promptfleet.platform.detokenizer import IncrementalDetokenizer
 from promptfleet.platform.sampling import SamplerRow, SamplingParams
 
 _ids = itertools.count(1)
@@ -81,6 +82,7 @@ class Sequence:
     def __post_init__(self) -> None:
         if self.params.seed is not None:
             self.generator = torch.Generator().manual_seed(int(self.params.seed))
+        self._detok = IncrementalDetokenizer(self.decode)
 
     @property
     def n_prefix(self) -> int:
@@ -101,15 +103,15 @@ class Sequence:
             self._finish("stop")
             return
         self.output_ids.append(token)
-        self._text = self.decode(self.output_ids)
-        if p.stop:
-            # a new token can change the last few characters (decoding is not prefix-stable
-            # around multi-byte characters): search from 16 characters before the old end
-            start = max(0, len(self._text) - 16 - max(map(len, p.stop)))
+        old_len = len(self._text)
+        self._text += self._detok.add(token)
+        if p.stop and len(self._text) > old_len:
+            # only a stop string that ends in the new text can be new
+            start = max(0, old_len - max(map(len, p.stop)) + 1)
             hits = [i for i in (self._text.find(s, start) for s in p.stop) if i >= 0]
             if hits:
                 self._text = self._text[: min(hits)]
-                self._finish("stop")
+                self._finish("stop", release_text=False)
                 return
         detect = self.repetition.enabled if p.detect_repetition is None else p.detect_repetition
         if detect:
@@ -120,7 +122,9 @@ class Sequence:
         if len(self.output_ids) >= p.max_tokens or self.n_prefix + len(self.prompt_ids) + len(self.output_ids) >= max_model_len:
             self._finish("length")
 
-    def _finish(self, reason: str) -> None:
+    def _finish(self, reason: str, *, release_text: bool = True) -> None:
+        if release_text:  # a partial character at the end comes out as U+FFFD, as in a full decode
+            self._text += self._detok.finish()
         self.finish_reason = reason
         self.status = SeqStatus.FINISHED
 
@@ -130,8 +134,6 @@ class Sequence:
         finished = self.status is SeqStatus.FINISHED
         upto = len(self._text)
         if not finished:
-            if self._text.endswith("\ufffd"):
-                return
             upto -= _held_back(self._text, self.params.stop)
         if upto < self._sent_chars:
             upto = self._sent_chars
