@@ -62,35 +62,106 @@ def apply_repetition_penalty(logits: torch.Tensor, history: list[int], penalty: 
     return logits
 
 
-def filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
-    """Mask (to -inf) every token outside the top-k and the top-p nucleus of a 1-D row."""
-    if top_k > 0 and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True)
-        probs = sorted_logits.softmax(-1)
-        cum = probs.cumsum(-1)
-        drop = cum - probs > top_p  # keep the smallest prefix whose mass reaches top_p
-        drop[0] = False
-        logits = logits.clone()
-        logits[order[drop]] = float("-inf")
-    return logits
+# Top-p first looks for the nucleus among this many most likely tokens (a topk is ~10x
+# cheaper than sorting 50k logits); rows whose nucleus is wider fall back to a full sort.
+NUCLEUS_CANDIDATES = 256
+# Inverse-CDF sampling in two levels: blocks of this many tokens, then one block.
+DRAW_BLOCK = 256
+
+
+def filter_top_k_top_p(logits: torch.Tensor, top_k: int | list[int], top_p: float | list[float]) -> torch.Tensor:
+    """Mask (to -inf) every token outside the top-k and the top-p nucleus, row by row of a
+    ``[R, V]`` batch (or one ``[V]`` row); ``top_k``/``top_p`` per row or one for all,
+    applied in transformers' order (top-k, then top-p). Batched: one topk serves every row."""
+    one_row = logits.dim() == 1
+    x = logits[None] if one_row else logits
+    rows, vocab = x.shape
+    ks = torch.tensor([top_k] * rows if isinstance(top_k, int) else list(top_k), dtype=torch.long)
+    ps = torch.tensor([top_p] * rows if isinstance(top_p, (int, float)) else list(top_p), dtype=torch.float64)
+    ks = torch.where((ks > 0) & (ks < vocab), ks, torch.zeros_like(ks))
+    if bool((ks > 0).any()):
+        kth = torch.topk(x, int(ks.max()), dim=-1).values.gather(1, (ks - 1).clamp(min=0)[:, None])
+        x = x.masked_fill((ks > 0)[:, None] & (x < kth), float("-inf"))
+    nucleus = ps < 1.0
+    if bool(nucleus.any()):
+        sel = nucleus.nonzero().flatten()
+        outside = torch.zeros(x.shape, dtype=torch.bool)
+        outside[sel] = _outside_nucleus(x[sel].softmax(-1), ps[sel])
+        x = x.masked_fill(outside, float("-inf"))
+    return x[0] if one_row else x
+
+
+def _outside_nucleus(probs: torch.Tensor, ps: torch.Tensor) -> torch.Tensor:
+    """True for each token not in the smallest most-likely prefix whose mass reaches p
+    (a token is kept when the mass before it is <= p)."""
+    rows, vocab = probs.shape
+    outside = torch.ones(probs.shape, dtype=torch.bool)
+    k = min(vocab, NUCLEUS_CANDIDATES)
+    vals, idx = probs.topk(k, dim=-1)  # sorted, most likely first
+    covered = vals.double().sum(-1) > ps if k < vocab else torch.ones(rows, dtype=torch.bool)
+    wide = (~covered).nonzero().flatten()
+    if len(wide):  # nucleus wider than the candidates: sort those rows whole
+        full_vals, full_idx = probs[wide].sort(dim=-1, descending=True)
+        outside[wide] = _drop_mask(full_vals, full_idx, ps[wide])
+    done = covered.nonzero().flatten()
+    if len(done):
+        outside[done] = torch.ones(len(done), vocab, dtype=torch.bool).scatter_(
+            1, idx[done], _drop(vals[done], ps[done]))
+    return outside
+
+
+def _drop(sorted_probs: torch.Tensor, ps: torch.Tensor) -> torch.Tensor:
+    before = sorted_probs.double().cumsum(-1) - sorted_probs.double()
+    drop = before > ps[:, None]
+    drop[:, 0] = False  # keep at least one token
+    return drop
+
+
+def _drop_mask(sorted_probs: torch.Tensor, order: torch.Tensor, ps: torch.Tensor) -> torch.Tensor:
+    return torch.zeros(sorted_probs.shape, dtype=torch.bool).scatter_(1, order, _drop(sorted_probs, ps))
+
+
+def draw(probs: torch.Tensor, generators: list[torch.Generator]) -> list[int]:
+    """One index per row of ``probs`` ``[R, V]`` by inverse-CDF sampling, row r's uniform
+    from ``generators[r]``: pick a block of ``DRAW_BLOCK`` tokens by its mass, then a token
+    inside it. Exact in distribution; a per-row ``torch.multinomial`` costs ~0.8 ms per 50k
+    probabilities on CPU, this ~1 ms for 64 rows. A zero-probability token is never drawn
+    (its CDF step is empty)."""
+    rows, vocab = probs.shape
+    full = vocab // DRAW_BLOCK
+    mass = probs[:, : full * DRAW_BLOCK].unflatten(1, (full, DRAW_BLOCK)).sum(-1)
+    if full * DRAW_BLOCK < vocab:
+        mass = torch.cat([mass, probs[:, full * DRAW_BLOCK:].sum(-1, keepdim=True)], dim=1)
+    mass = mass.double()
+    cdf = mass.cumsum(-1)
+    u = torch.cat([torch.rand(1, generator=g, dtype=torch.float64) for g in generators])
+    r = u * cdf[:, -1]
+    b = torch.searchsorted(cdf, r[:, None], right=True).clamp_(max=mass.shape[1] - 1)  # first block past r
+    before = torch.where(b > 0, cdf.gather(1, (b - 1).clamp(min=0)), torch.zeros_like(r[:, None]))
+    # where r falls inside the chosen block, as a fraction of its mass (< 1 whatever the rounding)
+    frac = ((r[:, None] - before) / mass.gather(1, b)).clamp_(0.0, 1.0 - 1e-12)
+    cols = b * DRAW_BLOCK + torch.arange(DRAW_BLOCK)  # [R, DRAW_BLOCK]
+    inner = torch.where(cols < vocab, probs.gather(1, cols.clamp(max=vocab - 1)), 0.0).double().cumsum(-1)
+    j = torch.searchsorted(inner, frac * inner[:, -1:], right=True).clamp_(max=DRAW_BLOCK - 1)
+    return (b * DRAW_BLOCK + j).flatten().tolist()
 
 
 def sample(logits: torch.Tensor, rows: list[SamplerRow], default_generator: torch.Generator) -> list[int]:
-    """One token for each row of ``logits`` ``[B, V]`` (float32)."""
-    out = logits.argmax(dim=-1).tolist()
-    for i, row in enumerate(rows):
-        p = row.params
-        if p.greedy and p.repetition_penalty == 1.0:
-            continue
-        x = apply_repetition_penalty(logits[i], row.history, p.repetition_penalty)
-        if p.greedy:
-            out[i] = int(x.argmax())
-            continue
-        x = filter_top_k_top_p(x / p.temperature, p.top_k, p.top_p)
-        probs = x.softmax(-1)
-        gen = row.generator if row.generator is not None else default_generator
-        out[i] = int(torch.multinomial(probs, 1, generator=gen))
+    """One token for each row of ``logits`` ``[B, V]`` (float32); ``logits`` is not modified."""
+    if any(row.params.repetition_penalty != 1.0 for row in rows):
+        logits = logits.clone()  # penalised in place below
+        for i, row in enumerate(rows):
+            if row.params.repetition_penalty != 1.0:
+                logits[i] = apply_repetition_penalty(logits[i], row.history, row.params.repetition_penalty)
+    sampled = [i for i, row in enumerate(rows) if not row.params.greedy]
+    out = logits.argmax(dim=-1).tolist() if len(sampled) < len(rows) else [0] * len(rows)
+    if not sampled:
+        return out
+    params = [rows[i].params for i in sampled]
+    x = logits if len(sampled) == len(rows) else logits[sampled]
+    temps = torch.tensor([p.temperature for p in params], dtype=logits.dtype)
+    x = filter_top_k_top_p(x / temps[:, None], [p.top_k for p in params], [p.top_p for p in params])
+    gens = [rows[i].generator if rows[i].generator is not None else default_generator for i in sampled]
+    for i, tok in zip(sampled, draw(x.softmax(-1), gens)):
+        out[i] = tok
     return out
