@@ -38,7 +38,7 @@ from promptfleet.api import create_app
 from promptfleet.bench.common import bench_checkpoint, emit, percentile
 from promptfleet.platform.adapter import AdapterPrefix, AdapterWeights, parse_adapter
 from promptfleet.platform.config import EngineConfig, ModelConfig
-from promptfleet.platform.engine import Engine
+from promptfleet.platform.engine import Engine, EngineStats
 from promptfleet.platform.sampling import SamplingParams
 from promptfleet.settings import Settings
 
@@ -215,8 +215,10 @@ async def _http_phases(plan: HttpPlan) -> dict:
             await _http_stream(client, {**body, "model": plan.names[i % len(plan.names)],
                                         "prompt": PROMPTS[i % len(PROMPTS)]}, headers, load)
 
+        cpu0 = time.process_time()
         load = await run_load(http_req, concurrency=plan.concurrency, total=plan.total)
-    return {"latency": lat, "load": load}
+        client_cpu = time.process_time() - cpu0
+    return {"latency": lat, "load": load, "client_cpu_s": client_cpu}
 
 
 def _client_process(plan: HttpPlan, conn) -> None:
@@ -276,13 +278,16 @@ def bench(args: argparse.Namespace, engine: Engine, base_url: str) -> dict:
                    files={"file": ("a.zip", archive, "application/zip")}).raise_for_status()
         prefixes[name] = engine.build_adapter(weights, name)
 
+    s0 = engine.stats()
     eng = asyncio.run(engine_phases(args, engine, prefixes))
+    s1 = engine.stats()
     # The HTTP run serves exactly the requests the engine-only run completed, at the same
     # concurrency: both do the same work, drain included.
     log.info("HTTP load: the same %d requests, %d streams (client process)", eng["load"].requests, args.concurrency)
     http = run_http_client(HttpPlan(base_url=base_url, key=key, names=names, concurrency=args.concurrency,
                                     max_tokens=args.max_tokens, latency_requests=args.latency_requests,
                                     total=eng["load"].requests))
+    s2 = engine.stats()
     h, e = http["load"].summary(), eng["load"].summary()
     http_lat, eng_lat = http["latency"], eng["latency"]
     return {
@@ -296,8 +301,20 @@ def bench(args: argparse.Namespace, engine: Engine, base_url: str) -> dict:
         "streaming": {"concurrency": args.concurrency, "adapters": args.adapters, "max_tokens": args.max_tokens,
                       "duration_s": args.duration, "http": h, "engine": e,
                       "throughput_ratio": round(h["tokens_per_s"] / e["tokens_per_s"], 3)
-                      if h["tokens_per_s"] and e["tokens_per_s"] else None, "target_ratio": 0.9},
+                      if h["tokens_per_s"] and e["tokens_per_s"] else None, "target_ratio": 0.9,
+                      # the HTTP clients' own process shares this machine's cores with the
+                      # server (the engine-only run's clients are coroutines in the server)
+                      "http_client_cpu_cores": round(http["client_cpu_s"] / h["seconds"], 2) if h["seconds"] else None,
+                      "engine_work": {"engine_only": _work(s0, s1), "http": _work(s1, s2)}},
     }
+
+
+def _work(a: EngineStats, b: EngineStats) -> dict:
+    """What the engine did between two snapshots (both phases, latency probes included)."""
+    steps = b.steps - a.steps
+    return {"steps": steps, "prefill_s": round(b.prefill_seconds - a.prefill_seconds, 2),
+            "decode_s": round(b.decode_seconds - a.decode_seconds, 2),
+            "mean_decode_batch": round((b.decode_row_tokens - a.decode_row_tokens) / max(1, steps), 1)}
 
 
 def main(argv: list[str] | None = None) -> dict:
