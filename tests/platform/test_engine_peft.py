@@ -49,3 +49,41 @@ async def test_output_independent_of_batch_mates(small_engine, peft_adapters, ad
                              adapter=["pt_b", "ptune", None][i % 3]) for i in range(9)]
     together = await asyncio.gather(engine.complete("Independent of company", params, adapter=adapter), *crowd)
     assert together[0].token_ids == alone.token_ids
+
+
+async def test_requests_joining_mid_stream_ride_the_decode_pass_and_match_peft(
+        small_checkpoint, small_engine, peft_adapters, peft_reference):
+    """Prompts admitted while others decode go through the same forward as the decode
+    tokens (packed groups); every request must still equal PEFT alone."""
+    engine = small_engine
+    for name, path in peft_adapters.items():
+        engine.add_adapter(name, load_adapter_dir(path))
+    passes: list[list[tuple[bool, int]]] = []
+    forward = engine._forward_and_sample
+
+    def spy(groups):
+        passes.append([(g.is_prompt, len(g.seqs)) for g in groups])
+        return forward(groups)
+
+    engine._forward_and_sample = spy
+    n_new = 10
+    first = [("pt_a", "The quick brown fox"), (None, "Hello world"), ("prefix", "a")]
+    later = [("ptune", "Once upon a time in a land far away"), ("pt_b", "PromptFleet"), (None, "Mixed batches")]
+
+    async def run(adapter, prompt, started: asyncio.Event | None = None):
+        tokens = []
+        async for delta in engine.generate(prompt, SamplingParams(max_tokens=n_new, **GREEDY), adapter=adapter):
+            tokens += delta.token_ids
+            if started is not None:
+                started.set()
+        return tokens
+
+    started = asyncio.Event()
+    early = [asyncio.create_task(run(a, p, started)) for a, p in first]
+    await started.wait()  # the first requests are decoding now
+    results = await asyncio.gather(*early, *[run(a, p) for a, p in later])
+    assert any(len(groups) == 2 and not groups[0][0] and groups[1][0] for groups in passes), passes
+    for (adapter, prompt), got in zip(first + later, results):
+        want = peft_reference(small_checkpoint, peft_adapters[adapter] if adapter else None,
+                              engine.tokenizer.encode(prompt), n_new)
+        assert got == want, (adapter, prompt)

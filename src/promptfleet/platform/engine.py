@@ -24,8 +24,9 @@ import torch
 
 from promptfleet.platform.adapter import AdapterPrefix, AdapterWeights, build_prefix
 from promptfleet.platform.config import EngineConfig, ModelConfig, resolve_dtype
-from promptfleet.platform.kv_cache import SlotBatch, SlotKVCache, flash_attn_available
+from promptfleet.platform.kv_cache import SlotKVCache, flash_attn_available
 from promptfleet.platform.model import GPT2
+from promptfleet.platform.packing import Group, pack
 from promptfleet.platform.sampling import SamplingParams, sample
 from promptfleet.platform.scheduler import QueueFullError, RequestTooLargeError, Scheduler
 from promptfleet.platform.sequence import CompletionDelta, Sequence, SeqStatus
@@ -270,28 +271,36 @@ class Engine:
 
     @torch.inference_mode()
     def step(self) -> None:
-        """Admit and prefill what fits, then one decode step for the whole running batch."""
-        admitted = self.scheduler.admit()
-        if admitted:
+        """Admit what fits, then ONE forward for the running batch's decode tokens and the
+        admitted prompts together (a prompt batch past ``max_prefill_tokens`` runs its
+        earlier chunks alone first): a prompt arriving mid-stream costs its own tokens'
+        share of a pass, not a pass of its own through every weight."""
+        decoding = list(self.scheduler.running)
+        chunks = self._prefill_chunks(self.scheduler.admit())
+        for chunk in chunks[:-1]:
             t0 = time.perf_counter()
-            self._prefill(admitted)
+            self._forward_and_sample([Group.prefill(chunk)])
             self._prefill_s += time.perf_counter() - t0
-            self._release_finished()
-        if self.scheduler.running:
+        groups = ([Group.decode(decoding)] if decoding else []) + ([Group.prefill(chunks[-1])] if chunks else [])
+        if groups:
             t0 = time.perf_counter()
-            batch = list(self.scheduler.running)
-            self._decode_step(batch)
-            self._decode_s += time.perf_counter() - t0
-            self._decode_tokens += len(batch)
-            self._release_finished()
+            self._forward_and_sample(groups)
+            if decoding:  # a fused step counts as decode time (the bench's decode steps are pure)
+                self._decode_s += time.perf_counter() - t0
+                self._decode_tokens += len(decoding)
+            else:
+                self._prefill_s += time.perf_counter() - t0
+        self._release_finished()
         self._steps += 1
 
     def _release_finished(self) -> None:
         for seq in [s for s in self.scheduler.running if s.status is SeqStatus.FINISHED]:
             self.scheduler.release(seq)
 
-    def _prefill(self, seqs: list[Sequence]) -> None:
+    def _prefill_chunks(self, seqs: list[Sequence]) -> list[list[Sequence]]:
+        """Admitted sequences in runs whose padded prompt tokens fit ``max_prefill_tokens``."""
         budget = self.config.max_prefill_tokens
+        chunks: list[list[Sequence]] = []
         i = 0
         while i < len(seqs):
             j, longest = i, 0
@@ -300,31 +309,21 @@ class Engine:
                 if j > i and longest_next * (j - i + 1) > budget:
                     break
                 longest, j = longest_next, j + 1
-            self._forward_and_sample(seqs[i:j], [s.prompt_ids for s in seqs[i:j]])
+            chunks.append(seqs[i:j])
             i = j
+        return chunks
 
-    def _decode_step(self, seqs: list[Sequence]) -> None:
-        self._forward_and_sample(seqs, [[s.output_ids[-1]] for s in seqs])
-
-    def _forward_and_sample(self, seqs: list[Sequence], new_tokens: list[list[int]]) -> None:
-        q_lens = [len(t) for t in new_tokens]
-        T = max(q_lens)
-        ids = torch.zeros(len(seqs), T, dtype=torch.long)
-        for b, toks in enumerate(new_tokens):
-            ids[b, : len(toks)] = torch.tensor(toks, dtype=torch.long)
-        start = [s.cached for s in seqs]
-        starts = torch.tensor(start, dtype=torch.long)
-        positions = (starts[:, None] + torch.arange(T)[None]).clamp_(max=self.model_config.n_positions - 1)
-        ids, positions = ids.to(self.device), positions.to(self.device)
-        ctx = SlotBatch(self.cache, seqs[0].slot, start, q_lens, T)
-        hidden = self.model(ids, positions, ctx)
-        last = torch.tensor(q_lens, device=self.device) - 1
-        logits = self.model.logits(hidden[torch.arange(len(seqs), device=self.device), last]).cpu()
-        tokens = sample(logits, [s.sampler_row() for s in seqs], self._rng)
-        for seq, q, tok in zip(seqs, q_lens, tokens):
-            seq.cached += q
-            if T > 1:
-                self._prompt_tokens += q
-            self._generated += 1
-            seq.append(tok, self.max_model_len)
-            seq.flush()
+    def _forward_and_sample(self, groups: list[Group]) -> None:
+        batch = pack(groups, self.cache, n_positions=self.model_config.n_positions, device=self.device)
+        hidden = self.model(batch.ids, batch.positions, batch.ctx)
+        logits = self.model.logits(hidden[0, batch.last]).cpu()
+        seqs = [s for g in groups for s in g.seqs]
+        tokens = iter(sample(logits, [s.sampler_row() for s in seqs], self._rng))
+        for g in groups:
+            for seq, toks in zip(g.seqs, g.new_tokens):
+                seq.cached += len(toks)
+                if g.is_prompt:
+                    self._prompt_tokens += len(toks)
+                self._generated += 1
+                seq.append(next(tokens), self.max_model_len)
+                seq.flush()

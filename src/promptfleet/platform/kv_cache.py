@@ -132,3 +132,23 @@ class SlotBatch:
             cache_seqlens=self.start_t.to(torch.int32), cache_batch_idx=self.rows.to(torch.int32),
             causal=True,
         )
+
+
+class PackedBatch:
+    """Attention context for several ``SlotBatch`` groups whose tokens are packed one
+    after another into a single ``[1, N]`` forward, e.g. the running sequences' decode
+    tokens and the prompts admitted this step: the linears (most of a step's cost, bound
+    by reading the weights) see one matrix of all N tokens; attention runs per group."""
+
+    def __init__(self, groups: list[SlotBatch]) -> None:
+        self.groups = groups
+        self.sizes = [g.B * g.T for g in groups]
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        heads, dim = q.shape[2], q.shape[3]
+        outs = []
+        for g, qs, ks, vs in zip(self.groups, q.split(self.sizes, 1), k.split(self.sizes, 1), v.split(self.sizes, 1)):
+            shape = (g.B, g.T, heads, dim)
+            out = g.attend(layer, qs.reshape(shape), ks.reshape(shape), vs.reshape(shape))
+            outs.append(out.reshape(1, g.B * g.T, heads, dim))
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
