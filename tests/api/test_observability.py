@@ -153,6 +153,15 @@ def test_body_limit_middleware_stops_reading_at_the_cap():
     assert sent[0]["status"] == 200
 
 
+def test_oversized_headers_get_431_in_openai_shape_and_normal_ones_pass(api):
+    ok = api.client.get("/healthz", headers={"X-Note": "n" * 1000})
+    assert ok.status_code == 200
+    r = api.client.get("/healthz", headers={"X-Junk": "h" * (40 << 10)})
+    assert r.status_code == 431, r.text
+    err = r.json()["error"]
+    assert err["code"] == "request_header_fields_too_large" and "32 KiB" in err["message"]
+
+
 def test_adapter_prefixes_survive_a_restart_on_disk(make_api, helpers, small_checkpoint, tmp_path, api_engine,
                                                    peft_zips):
     """A restarted server reads an adapter's built KV prefix from the data dir's disk tier

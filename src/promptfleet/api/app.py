@@ -22,7 +22,7 @@ from promptfleet.api.logs import RequestContextMiddleware
 from promptfleet.api.metrics import Metrics
 from promptfleet.api.routes import admin, adapters, completions, datasets, health, jobs, models
 from promptfleet.api.state import AppState, build_state
-from promptfleet.api.uploads import MULTIPART_SLACK, BodyLimit, BodyLimitMiddleware, mib
+from promptfleet.api.uploads import MULTIPART_SLACK, BodyLimit, BodyLimitMiddleware, HeaderLimitMiddleware, mib
 from promptfleet.platform.engine import Engine
 from promptfleet.settings import Settings
 
@@ -76,5 +76,6 @@ def create_app(settings: Settings, *, engine: Engine | None = None, celery_app: 
     for module in (completions, models, adapters, datasets, jobs, admin, health):
         app.include_router(module.router)
     app.add_middleware(BodyLimitMiddleware, limit_for=body_limit_for(settings))
+    app.add_middleware(HeaderLimitMiddleware)
     app.add_middleware(RequestContextMiddleware, metrics=metrics)
     return app

@@ -1,4 +1,7 @@
-"""Size caps on request bodies and uploaded files.
+"""Size caps on requests: headers, bodies and uploaded files.
+
+``HeaderLimitMiddleware`` answers 431 to a request whose header lines add up to more
+than ``MAX_HEADER_BYTES`` (uvicorn's httptools parser takes a megabyte of headers).
 
 ``BodyLimitMiddleware`` (pure ASGI) refuses with 413 a body whose ``Content-Length`` is
 over the route's cap before reading any of it, and stops a body without (or lying
@@ -18,6 +21,7 @@ from promptfleet.api.errors import error_body, too_large
 
 MULTIPART_SLACK = 64 << 10  # multipart envelope and form fields around the file
 CHUNK = 1 << 20
+MAX_HEADER_BYTES = 32 << 10  # all header names and values together (nginx's default buffers: 4 x 8 KiB)
 
 
 class _BodyTooLarge(Exception):
@@ -96,6 +100,26 @@ class BodyLimitMiddleware:
                 raise
         if exceeded and not started:
             await self._refuse(send, cap)
+
+
+class HeaderLimitMiddleware:
+    def __init__(self, app: ASGIApp, *, max_bytes: int = MAX_HEADER_BYTES) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            size = sum(len(name) + len(value) for name, value in scope.get("headers", ()))
+            if size > self.max_bytes:
+                body = json.dumps(error_body(
+                    f"request headers total {size} bytes; the limit is {self.max_bytes // 1024} KiB",
+                    status=431, code="request_header_fields_too_large")).encode()
+                await send({"type": "http.response.start", "status": 431,
+                            "headers": [(b"content-type", b"application/json"),
+                                        (b"content-length", str(len(body)).encode()), (b"connection", b"close")]})
+                await send({"type": "http.response.body", "body": body, "more_body": False})
+                return
+        await self.app(scope, receive, send)
 
 
 def read_upload(file: UploadFile, *, limit: int, what: str) -> bytes:
