@@ -55,19 +55,21 @@ def test_draw_follows_the_distribution_and_never_draws_a_zero_probability_token(
     assert ((counts - n * probs[0]).abs() <= 4 * sigma + 1).all(), counts
 
 
-def test_nucleus_within_the_candidates_and_wider_than_them_both_match_transformers():
-    """A peaked row finds its nucleus among the top candidates; a flat 50k-token row needs
-    the full sort. Both must equal HF's TopP."""
+def test_nucleus_at_every_candidate_width_matches_transformers():
+    """A peaked row finds its nucleus among the top 256, a row with ~1000 likely tokens
+    among the top 4096, a flat 50k-token row only in the full sort. All must equal HF's TopP."""
     gen = torch.Generator().manual_seed(3)
     peaked = torch.randn(50257, generator=gen) * 8
+    middle = torch.randn(50257, generator=gen) * 0.1
+    middle[torch.randperm(50257, generator=gen)[:1000]] += 12
     flat = torch.randn(50257, generator=gen) * 0.1
-    x = torch.stack([peaked, flat])
+    x = torch.stack([peaked, middle, flat])
     got = filter_top_k_top_p(x, 0, 0.9)
-    for r in range(2):
+    for r in range(3):
         want = TopPLogitsWarper(top_p=0.9)(None, x[r:r + 1].clone())[0]
         assert torch.equal(torch.isinf(got[r]), torch.isinf(want)), r
     kept = (~torch.isinf(got)).sum(-1)
-    assert kept[0] < 256 < kept[1]  # one row on each path
+    assert kept[0] < 256 < kept[1] < 4096 < kept[2]  # one row on each path
 
 
 def test_draw_over_many_blocks_hits_each_token_at_its_rate():

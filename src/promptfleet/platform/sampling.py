@@ -62,9 +62,10 @@ def apply_repetition_penalty(logits: torch.Tensor, history: list[int], penalty: 
     return logits
 
 
-# Top-p first looks for the nucleus among this many most likely tokens (a topk is ~10x
-# cheaper than sorting 50k logits); rows whose nucleus is wider fall back to a full sort.
-NUCLEUS_CANDIDATES = 256
+# Top-p looks for the nucleus among the most likely 256, then 4096 tokens (a topk is 5-40x
+# cheaper than sorting 50k logits: 4.5 and 18 ms vs 100 ms for 64 rows); only rows whose
+# nucleus is wider still are sorted whole.
+NUCLEUS_CANDIDATES = (256, 4096)
 # Inverse-CDF sampling in two levels: blocks of this many tokens, then one block.
 DRAW_BLOCK = 256
 
@@ -96,17 +97,19 @@ def _outside_nucleus(probs: torch.Tensor, ps: torch.Tensor) -> torch.Tensor:
     (a token is kept when the mass before it is <= p)."""
     rows, vocab = probs.shape
     outside = torch.ones(probs.shape, dtype=torch.bool)
-    k = min(vocab, NUCLEUS_CANDIDATES)
-    vals, idx = probs.topk(k, dim=-1)  # sorted, most likely first
-    covered = vals.double().sum(-1) > ps if k < vocab else torch.ones(rows, dtype=torch.bool)
-    wide = (~covered).nonzero().flatten()
-    if len(wide):  # nucleus wider than the candidates: sort those rows whole
-        full_vals, full_idx = probs[wide].sort(dim=-1, descending=True)
-        outside[wide] = _drop_mask(full_vals, full_idx, ps[wide])
-    done = covered.nonzero().flatten()
-    if len(done):
-        outside[done] = torch.ones(len(done), vocab, dtype=torch.bool).scatter_(
-            1, idx[done], _drop(vals[done], ps[done]))
+    todo = torch.arange(rows)
+    for k in (*(c for c in NUCLEUS_CANDIDATES if c < vocab), vocab):
+        if not len(todo):
+            break
+        vals, idx = probs[todo].topk(k, dim=-1) if k < vocab else probs[todo].sort(dim=-1, descending=True)
+        # the nucleus lies among these k when their mass passes p (then every later
+        # token has more than p before it); with k = vocab it always does
+        covered = vals.double().sum(-1) > ps[todo] if k < vocab else torch.ones(len(todo), dtype=torch.bool)
+        done = covered.nonzero().flatten()
+        if len(done):
+            outside[todo[done]] = torch.ones(len(done), vocab, dtype=torch.bool).scatter_(
+                1, idx[done], _drop(vals[done], ps[todo[done]]))
+        todo = todo[~covered]
     return outside
 
 
@@ -115,10 +118,6 @@ def _drop(sorted_probs: torch.Tensor, ps: torch.Tensor) -> torch.Tensor:
     drop = before > ps[:, None]
     drop[:, 0] = False  # keep at least one token
     return drop
-
-
-def _drop_mask(sorted_probs: torch.Tensor, order: torch.Tensor, ps: torch.Tensor) -> torch.Tensor:
-    return torch.zeros(sorted_probs.shape, dtype=torch.bool).scatter_(1, order, _drop(sorted_probs, ps))
 
 
 def draw(probs: torch.Tensor, generators: list[torch.Generator]) -> list[int]:
