@@ -83,7 +83,8 @@ def test_two_tenants_uploaded_and_trained_adapters_concurrent_answers_equal_peft
                                      "batch_size": 4, "learning_rate": 0.05, "seed": 0,
                                      "init_text": "Support answer:"})
         assert r.status_code == 202, r.text
-        assert r.json()["status"] == "queued"
+        # the worker may claim the job before the API reads it back for the answer
+        assert r.json()["status"] in ("queued", "running"), r.json()
         job = stack.wait_job(key_b, r.json()["id"], until=lambda j: j["status"] in TERMINAL, timeout=150,
                              what="the training job")
         assert job["status"] == "succeeded", (job, stack.logs())
