@@ -50,3 +50,47 @@ def peft_greedy(checkpoint: Path, adapter_dir: Path | None, prompt_ids: list[int
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
                              do_sample=False, pad_token_id=50256, eos_token_id=50256, use_cache=False)
     return out[0, len(prompt_ids):].tolist()
+
+
+def wait_for(predicate, *, timeout: float, interval: float = 0.1, what: str = "condition", on_timeout=None):
+    """Poll ``predicate`` until it returns something truthy (returned), at most ``timeout`` s."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            extra = on_timeout() if on_timeout else ""
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}\n{extra}")
+        time.sleep(interval)
+
+
+def tar_gz_with(files: dict[str, bytes], special=()) -> bytes:
+    """A tar.gz of ``files`` plus ``special`` members (links, devices: see ``tar_link``),
+    for the hostile-archive tests."""
+    import io
+    import tarfile
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tf:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+        for info in special:
+            tf.addfile(info)
+    return buf.getvalue()
+
+
+def tar_link(name: str, kind: bytes, target: str = "", **attrs):
+    """A tar member of type ``kind`` (``tarfile.SYMTYPE``, ``LNKTYPE``, ``CHRTYPE``, ...)."""
+    import tarfile
+
+    info = tarfile.TarInfo(name)
+    info.type = kind
+    info.linkname = target
+    for key, value in attrs.items():
+        setattr(info, key, value)
+    return info

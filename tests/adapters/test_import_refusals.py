@@ -22,6 +22,7 @@ from promptfleet.adapters.errors import AdapterRejected, InvalidAdapterName
 from promptfleet.adapters.models import AdapterVersion
 from promptfleet.adapters.service import import_adapter
 from promptfleet.db import session_scope
+from promptfleet.testing import tar_gz_with, tar_link
 
 SMALL = ArchiveLimits(max_file_bytes=4 << 20, max_total_bytes=8 << 20)
 ZEROS = bytes(32 << 20)  # 32 MiB of zeros: deflates to ~32 KiB
@@ -35,27 +36,6 @@ def _zip_with(files: dict[str, bytes], extra: list[tuple[zipfile.ZipInfo, bytes]
         for info, data in extra:
             zf.writestr(info, data)
     return buf.getvalue()
-
-
-def _tar_with(files: dict[str, bytes], special: list[tarfile.TarInfo]) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w:gz") as tf:
-        for name, data in files.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tf.addfile(info, io.BytesIO(data))
-        for info in special:
-            tf.addfile(info)
-    return buf.getvalue()
-
-
-def _link(name: str, kind: bytes, target: str = "", **attrs) -> tarfile.TarInfo:
-    info = tarfile.TarInfo(name)
-    info.type = kind
-    info.linkname = target
-    for key, value in attrs.items():
-        setattr(info, key, value)
-    return info
 
 
 def _patch_declared_size(data: bytes, name: str, size: int) -> bytes:
@@ -119,15 +99,15 @@ CASES = {
     "symlink in zip": (lambda c: _zip_with({"adapter_config.json": c.files["adapter_config.json"]},
                                            [(_symlink_zip_info("adapter_model.safetensors"), b"/etc/passwd")]),
                        "symbolic link"),
-    "symlink in tar": (lambda c: _tar_with({"adapter_config.json": c.files["adapter_config.json"]},
-                                           [_link("adapter_model.safetensors", tarfile.SYMTYPE, "/etc/passwd")]),
+    "symlink in tar": (lambda c: tar_gz_with({"adapter_config.json": c.files["adapter_config.json"]},
+                                           [tar_link("adapter_model.safetensors", tarfile.SYMTYPE, "/etc/passwd")]),
                        "symbolic link"),
-    "hardlink in tar": (lambda c: _tar_with({"adapter_config.json": c.files["adapter_config.json"]},
-                                            [_link("adapter_model.safetensors", tarfile.LNKTYPE, "/etc/passwd")]),
+    "hardlink in tar": (lambda c: tar_gz_with({"adapter_config.json": c.files["adapter_config.json"]},
+                                            [tar_link("adapter_model.safetensors", tarfile.LNKTYPE, "/etc/passwd")]),
                         "hard link"),
-    "device in tar": (lambda c: _tar_with(c.files, [_link("null", tarfile.CHRTYPE, devmajor=1, devminor=3)]),
+    "device in tar": (lambda c: tar_gz_with(c.files, [tar_link("null", tarfile.CHRTYPE, devmajor=1, devminor=3)]),
                       "device"),
-    "fifo in tar": (lambda c: _tar_with(c.files, [_link("pipe", tarfile.FIFOTYPE)]), "device, fifo"),
+    "fifo in tar": (lambda c: tar_gz_with(c.files, [tar_link("pipe", tarfile.FIFOTYPE)]), "device, fifo"),
     "adapter_model.bin pickle": (
         lambda c: c.h.zip_bytes({"adapter_config.json": c.files["adapter_config.json"],
                                  "adapter_model.bin": pickle.dumps({"prompt_embeddings": [1.0]})}),

@@ -21,7 +21,6 @@ import subprocess
 import sys
 import tarfile
 import threading
-import time
 import uuid
 import zipfile
 from collections.abc import Callable, Iterator
@@ -31,7 +30,8 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-from promptfleet.testing import make_peft_adapter
+
+from promptfleet.testing import make_peft_adapter, wait_for
 
 PG_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 PG_HOST, PG_PORT = "127.0.0.1", 5432
@@ -53,20 +53,6 @@ def port_open(host: str, port: int) -> bool:
             return True
     except OSError:
         return False
-
-
-def wait_for(predicate: Callable[[], object], *, timeout: float, interval: float = 0.1, what: str = "condition",
-             on_timeout: Callable[[], str] | None = None):
-    """Poll ``predicate`` until it returns something truthy (returned), at most ``timeout`` s."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            extra = on_timeout() if on_timeout else ""
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}\n{extra}")
-        time.sleep(interval)
 
 
 def tail(text: str, n: int = 6000) -> str:

@@ -29,6 +29,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from promptfleet.testing import tar_gz_with, tar_link
+
 pytestmark = [pytest.mark.postgres, pytest.mark.redis, pytest.mark.slow]
 
 
@@ -243,25 +245,6 @@ def _tar_gz_bomb(config: bytes, size: int) -> bytes:
     return out.getvalue()
 
 
-def _tar_gz(files: dict[str, bytes], links: list[tarfile.TarInfo] = ()) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w:gz") as tf:
-        for name, data in files.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tf.addfile(info, io.BytesIO(data))
-        for info in links:
-            tf.addfile(info)
-    return buf.getvalue()
-
-
-def _link(name: str, kind: bytes, target: str) -> tarfile.TarInfo:
-    info = tarfile.TarInfo(name)
-    info.type = kind
-    info.linkname = target
-    return info
-
-
 class _Pwn:
     """Unpickling this creates ``path``: the proof that nothing was unpickled is its absence."""
 
@@ -305,7 +288,7 @@ def test_hostile_uploads_are_refused_4xx_and_store_nothing(stack, peft_files, tm
         "zip slip": _zip({"../../evil/adapter_config.json": cfg, "../../evil/adapter_model.safetensors": weights}),
         "zip slip (backslashes)": _zip({"..\\..\\adapter_config.json": cfg, "adapter_model.safetensors": weights}),
         "absolute path": _zip({"/etc/adapter_config.json": cfg, "/etc/adapter_model.safetensors": weights}),
-        "tar slip": _tar_gz({"../adapter_config.json": cfg, "../adapter_model.safetensors": weights}),
+        "tar slip": tar_gz_with({"../adapter_config.json": cfg, "../adapter_model.safetensors": weights}),
         "zip bomb (300 MiB of zeros)": _zip_bomb(cfg, 300 << 20),
         "gzip bomb (300 MiB tar)": _tar_gz_bomb(cfg, 300 << 20),
         "lying zip header": _lying_zip({"adapter_config.json": cfg, "adapter_model.safetensors": bytes(8 << 20)},
@@ -314,10 +297,10 @@ def test_hostile_uploads_are_refused_4xx_and_store_nothing(stack, peft_files, tm
         "pickle beside safetensors": _zip({"adapter_config.json": cfg, "adapter_model.safetensors": weights,
                                            "optimizer.pt": evil_pickle}),
         "pickle named .safetensors": _zip({"adapter_config.json": cfg, "adapter_model.safetensors": evil_pickle}),
-        "symlink in tar": _tar_gz({"adapter_config.json": cfg},
-                                  [_link("adapter_model.safetensors", tarfile.SYMTYPE, "/etc/passwd")]),
-        "hard link in tar": _tar_gz({"adapter_config.json": cfg},
-                                    [_link("adapter_model.safetensors", tarfile.LNKTYPE, "/etc/passwd")]),
+        "symlink in tar": tar_gz_with({"adapter_config.json": cfg},
+                                  [tar_link("adapter_model.safetensors", tarfile.SYMTYPE, "/etc/passwd")]),
+        "hard link in tar": tar_gz_with({"adapter_config.json": cfg},
+                                    [tar_link("adapter_model.safetensors", tarfile.LNKTYPE, "/etc/passwd")]),
         "symlink in zip": _zip_infos([(zipfile.ZipInfo("adapter_config.json"), cfg),
                                       (symlink_zip_info, b"/etc/passwd")]),
         "too many members": _zip({"adapter_config.json": cfg, "adapter_model.safetensors": weights,

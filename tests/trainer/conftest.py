@@ -20,6 +20,7 @@ from promptfleet.adapters.storage import LocalBlobStorage
 from promptfleet.db import session_scope
 from promptfleet.settings import Settings
 from promptfleet.tenants.service import create_tenant
+from promptfleet.testing import wait_for
 
 REDIS_URL = "redis://127.0.0.1:6379/15"
 WORDS = ["apple", "river", "stone", "cloud", "seven", "green", "table", "north", "quiet", "lamp"]
@@ -167,19 +168,6 @@ def worker_factory(tmp_path: Path, redis_url: str, trainer_settings: Settings):
     yield start
     for worker in started:
         worker.stop()
-
-
-def wait_for(predicate: Callable[[], object], *, timeout: float, interval: float = 0.1, what: str = "condition",
-             on_timeout: Callable[[], str] | None = None):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            extra = on_timeout() if on_timeout else ""
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}\n{extra}")
-        time.sleep(interval)
 
 
 @pytest.fixture
