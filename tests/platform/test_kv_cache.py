@@ -1,0 +1,74 @@
+"""The slot KV cache's attention (SDPA backend) against plain float64 attention over each
+row's own keys: rows at different lengths, prefill chunks right-padded, decode steps, in
+fp32 and bf16 (bf16 attends in fp32 on CPU)."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from promptfleet.platform.config import ModelConfig
+from promptfleet.platform.kv_cache import PackedBatch, SlotBatch, SlotKVCache
+
+CFG = ModelConfig(n_layer=1, n_head=4, n_embd=32, n_positions=64)
+H, D = CFG.n_head, CFG.head_dim
+
+
+def reference(history_k: list[torch.Tensor], history_v: list[torch.Tensor], q: torch.Tensor, b: int,
+              start: int, n: int) -> torch.Tensor:
+    """Row b's n new queries over its keys 0..start+n-1, causal, in float64: [n, H, D]."""
+    keys, values = history_k[b][: start + n].double(), history_v[b][: start + n].double()
+    scores = torch.einsum("qhd,khd->hqk", q[b, :n].double(), keys) / math.sqrt(D)
+    allowed = torch.arange(start + n)[None, :] <= (start + torch.arange(n))[:, None]
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    return torch.einsum("hqk,khd->qhd", scores.softmax(-1), values)
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
+def test_slot_attention_matches_float64_reference(dtype, tol):
+    gen = torch.Generator().manual_seed(0)
+    cache = SlotKVCache(CFG, max_slots=4, max_len=40, device=torch.device("cpu"), dtype=dtype, backend="sdpa")
+    rows, prompt_lens = 3, [5, 2, 7]
+    history_k = [torch.randn(40, H, D, generator=gen).to(dtype) for _ in range(rows)]
+    history_v = [torch.randn(40, H, D, generator=gen).to(dtype) for _ in range(rows)]
+    lengths = [0] * rows
+
+    def step(new: list[int], width: int) -> None:
+        q = torch.randn(rows, width, H, D, generator=gen).to(dtype)
+        k = torch.zeros(rows, width, H, D, dtype=dtype)
+        v = torch.zeros(rows, width, H, D, dtype=dtype)
+        for b in range(rows):
+            k[b, : new[b]] = history_k[b][lengths[b]: lengths[b] + new[b]]
+            v[b, : new[b]] = history_v[b][lengths[b]: lengths[b] + new[b]]
+        batch = SlotBatch(cache, 0, list(lengths), new, width)
+        out = batch.attend(0, q, k, v)
+        for b in range(rows):
+            want = reference(history_k, history_v, q, b, lengths[b], new[b])
+            assert (out[b, : new[b]].double() - want).abs().max() <= tol, (b, lengths[b], new[b])
+            lengths[b] += new[b]
+
+    step(prompt_lens, max(prompt_lens))  # a right-padded prefill of different lengths
+    for _ in range(6):                   # decode steps: every row at its own length
+        step([1] * rows, 1)
+
+
+def test_packed_groups_attend_like_separate_batches():
+    """A decode group and a prefill group in one packed call give what each gives alone."""
+    gen = torch.Generator().manual_seed(1)
+    caches = [SlotKVCache(CFG, max_slots=4, max_len=40, device=torch.device("cpu"), dtype=torch.float32,
+                          backend="sdpa") for _ in range(2)]
+    warm = torch.randn(2, 6, H, D, generator=gen)
+    for cache in caches:  # slots 0-1 hold 6 tokens already
+        SlotBatch(cache, 0, [0, 0], [6, 6], 6).attend(0, warm, warm, warm)
+    dq, dk = torch.randn(2, 1, H, D, generator=gen), torch.randn(2, 1, H, D, generator=gen)
+    pq, pk = torch.randn(2, 4, H, D, generator=gen), torch.randn(2, 4, H, D, generator=gen)
+    alone_d = SlotBatch(caches[0], 0, [6, 6], [1, 1], 1).attend(0, dq, dk, dk)
+    alone_p = SlotBatch(caches[0], 2, [0, 0], [4, 3], 4).attend(0, pq, pk, pk)
+    packed = PackedBatch([SlotBatch(caches[1], 0, [6, 6], [1, 1], 1), SlotBatch(caches[1], 2, [0, 0], [4, 3], 4)])
+    flat = lambda t: t.reshape(1, -1, H, D)  # noqa: E731
+    out = packed.attend(0, torch.cat([flat(dq), flat(pq)], 1), torch.cat([flat(dk), flat(pk)], 1),
+                        torch.cat([flat(dk), flat(pk)], 1))
+    assert torch.allclose(out[0, :2], alone_d.reshape(2, H, D), atol=1e-6)
+    assert torch.allclose(out[0, 2:].reshape(2, 4, H, D)[0], alone_p[0], atol=1e-6)
+    assert torch.allclose(out[0, 2:].reshape(2, 4, H, D)[1, :3], alone_p[1, :3], atol=1e-6)
