@@ -53,6 +53,15 @@ class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING_CONVENTION)
 
 
+# libpq: give up connecting after 5 s, and notice a peer that went silent (a network
+# partition that drops packets rather than refusing them) within ~30 s instead of the
+# kernel's ~15 minutes of retransmits: keepalive probes on idle connections, and
+# tcp_user_timeout for data left unacknowledged. The request then fails with a
+# database error (503 database_unavailable) and the pool drops the connection.
+POSTGRES_CONNECT_ARGS = {"connect_timeout": 5, "keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5,
+                         "keepalives_count": 3, "tcp_user_timeout": 30_000}
+
+
 def make_engine(url: str) -> Engine:
     """An engine for ``url``; SQLite gets WAL, a busy timeout and foreign keys."""
     if url.startswith("sqlite"):
@@ -70,7 +79,7 @@ def make_engine(url: str) -> Engine:
             cur.close()
 
         return engine
-    connect_args = {"connect_timeout": 5} if url.startswith("postgresql") else {}
+    connect_args = POSTGRES_CONNECT_ARGS if url.startswith("postgresql") else {}
     return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20, pool_timeout=10,
                          connect_args=connect_args)
 
