@@ -167,3 +167,24 @@ async def test_soft_prompt_costs_no_prefill(small_engine, peft_adapters):
     ids = small_engine.encode("count my prefill")
     await small_engine.complete(ids, SamplingParams(max_tokens=2, temperature=0), adapter="pt_a")
     assert small_engine.stats().prompt_tokens - before == len(ids)
+
+
+async def test_prompts_of_different_lengths_are_prefilled_without_padding(small_engine):
+    """Admitted together, prompts of lengths 3, 9, 9 and 20 go through the model as
+    exactly 41 tokens (one group per run of equal lengths), and still answer as alone."""
+    seen: list[list[tuple[int, int]]] = []
+    forward = small_engine._forward_and_sample
+
+    def spy(groups):
+        seen.append([(len(g.seqs), max(len(t) for t in g.new_tokens)) for g in groups if g.is_prompt])
+        return forward(groups)
+
+    prompts = [list(range(100, 103)), list(range(200, 209)), list(range(300, 309)), list(range(400, 420))]
+    params = SamplingParams(max_tokens=4, temperature=0, detect_repetition=False)
+    alone = [(await small_engine.complete(p, params)).token_ids for p in prompts]
+    small_engine._forward_and_sample = spy
+    together = await asyncio.gather(*[small_engine.complete(p, params) for p in prompts])
+    assert [t.token_ids for t in together] == alone
+    prefill = [groups for groups in seen if groups][0]
+    assert prefill == [(1, 3), (2, 9), (1, 20)]
+    assert sum(rows * width for rows, width in prefill) == 41

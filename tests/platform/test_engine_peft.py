@@ -82,7 +82,7 @@ async def test_requests_joining_mid_stream_ride_the_decode_pass_and_match_peft(
     early = [asyncio.create_task(run(a, p, started)) for a, p in first]
     await started.wait()  # the first requests are decoding now
     results = await asyncio.gather(*early, *[run(a, p) for a, p in later])
-    assert any(len(groups) == 2 and not groups[0][0] and groups[1][0] for groups in passes), passes
+    assert any(len(groups) >= 2 and not groups[0][0] and all(g[0] for g in groups[1:]) for groups in passes), passes
     for (adapter, prompt), got in zip(first + later, results):
         want = peft_reference(small_checkpoint, peft_adapters[adapter] if adapter else None,
                               engine.tokenizer.encode(prompt), n_new)

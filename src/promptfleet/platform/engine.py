@@ -272,16 +272,16 @@ class Engine:
     @torch.inference_mode()
     def step(self) -> None:
         """Admit what fits, then ONE forward for the running batch's decode tokens and the
-        admitted prompts together (a prompt batch past ``max_prefill_tokens`` runs its
-        earlier chunks alone first): a prompt arriving mid-stream costs its own tokens'
-        share of a pass, not a pass of its own through every weight."""
+        admitted prompts together (prompts past ``max_prefill_tokens`` run in passes of
+        their own first): a prompt arriving mid-stream costs its own tokens' share of a
+        pass, not a pass of its own through every weight."""
         decoding = list(self.scheduler.running)
-        chunks = self._prefill_chunks(self.scheduler.admit())
-        for chunk in chunks[:-1]:
+        passes = self._prefill_passes(self.scheduler.admit())
+        for groups in passes[:-1]:
             t0 = time.perf_counter()
-            self._forward_and_sample([Group.prefill(chunk)])
+            self._forward_and_sample(groups)
             self._prefill_s += time.perf_counter() - t0
-        groups = ([Group.decode(decoding)] if decoding else []) + ([Group.prefill(chunks[-1])] if chunks else [])
+        groups = ([Group.decode(decoding)] if decoding else []) + (passes[-1] if passes else [])
         if groups:
             t0 = time.perf_counter()
             self._forward_and_sample(groups)
@@ -297,21 +297,29 @@ class Engine:
         for seq in [s for s in self.scheduler.running if s.status is SeqStatus.FINISHED]:
             self.scheduler.release(seq)
 
-    def _prefill_chunks(self, seqs: list[Sequence]) -> list[list[Sequence]]:
-        """Admitted sequences in runs whose padded prompt tokens fit ``max_prefill_tokens``."""
-        budget = self.config.max_prefill_tokens
-        chunks: list[list[Sequence]] = []
-        i = 0
-        while i < len(seqs):
-            j, longest = i, 0
-            while j < len(seqs):
-                longest_next = max(longest, len(seqs[j].prompt_ids))
-                if j > i and longest_next * (j - i + 1) > budget:
-                    break
-                longest, j = longest_next, j + 1
-            chunks.append(seqs[i:j])
-            i = j
-        return chunks
+    def _prefill_passes(self, seqs: list[Sequence]) -> list[list[Group]]:
+        """Admitted sequences (consecutive slots) as prefill groups, one per run of equal
+        prompt lengths, so no prompt is padded (a padded token costs as much as a real
+        one); then split into passes of at most ``max_prefill_tokens`` (one group at least)."""
+        groups: list[Group] = []
+        for seq in seqs:
+            last = groups[-1].seqs if groups else None
+            if last and len(last[0].prompt_ids) == len(seq.prompt_ids):
+                last.append(seq)
+            else:
+                groups.append(Group(seqs=[seq], new_tokens=[], is_prompt=True))
+        passes: list[list[Group]] = []
+        tokens = 0
+        for group in groups:
+            group.new_tokens = [s.prompt_ids for s in group.seqs]
+            size = len(group.seqs) * len(group.seqs[0].prompt_ids)
+            if passes and tokens + size <= self.config.max_prefill_tokens:
+                passes[-1].append(group)
+                tokens += size
+            else:
+                passes.append([group])
+                tokens = size
+        return passes
 
     def _forward_and_sample(self, groups: list[Group]) -> None:
         batch = pack(groups, self.cache, n_positions=self.model_config.n_positions, device=self.device)
