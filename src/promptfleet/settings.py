@@ -41,6 +41,8 @@ class Settings(BaseSettings):
     tenant_rate_burst: int = 100
     max_upload_mb: int = 64
     max_dataset_mb: int = 32
+    tenant_max_storage_mb: float = Field(
+        default=1024.0, description="Per-tenant stored bytes (live adapter versions + datasets); 0 = no limit.")
     generation_cache_size: int = 1024
     generation_cache_enabled: bool = True
 

@@ -15,6 +15,7 @@ from promptfleet.adapters.service import (delete_adapter, export_adapter, import
 from promptfleet.adapters.storage import BlobNotFoundError, CorruptBlobError
 from promptfleet.api.deps import LimitedTenantDep, SessionDep, StateDep
 from promptfleet.api.errors import APIError, bad_request, not_found
+from promptfleet.api.quotas import check_storage_quota
 from promptfleet.api.responses import error_responses
 from promptfleet.api.schemas import AdapterList, AdapterOut
 from promptfleet.api.uploads import read_upload
@@ -33,13 +34,15 @@ def _missing(exc: AdapterNotFound) -> APIError:
 
 
 @router.post("", status_code=201, response_model=AdapterOut,
-             responses=error_responses(400, 401, 409, 413, 422, 429))
+             responses=error_responses(400, 401, 403, 409, 413, 422, 429))
 def upload_adapter(tenant: LimitedTenantDep, state: StateDep, session: SessionDep,
                    name: Annotated[str, Form(description="Adapter name; uploading it again adds a version.")],
                    file: Annotated[UploadFile, File(description="zip or tar.gz of a PEFT save_pretrained folder")]
                    ) -> AdapterOut:
     limit = state.settings.max_upload_mb << 20
     archive = read_upload(file, limit=limit, what="the adapter archive")
+    check_storage_quota(session, tenant_id=tenant.id, adding=len(archive),
+                        limit_mb=state.settings.tenant_max_storage_mb)
     try:
         row = import_adapter(session, storage=state.storage, tenant_id=tenant.id, name=name, archive=archive,
                              model_config=state.engine.model_config, limits=ArchiveLimits(max_archive_bytes=limit))

@@ -8,6 +8,7 @@ from fastapi import APIRouter, File, UploadFile
 
 from promptfleet.api.deps import LimitedTenantDep, SessionDep, StateDep, plausible_id
 from promptfleet.api.errors import bad_request, not_found, too_large
+from promptfleet.api.quotas import check_storage_quota
 from promptfleet.api.responses import error_responses
 from promptfleet.api.schemas import DatasetList, DatasetOut
 from promptfleet.api.uploads import read_upload
@@ -23,12 +24,14 @@ def dataset_out(row: Dataset) -> DatasetOut:
                       sha256=row.sha256, created_at=row.created_at)
 
 
-@router.post("", status_code=201, response_model=DatasetOut, responses=error_responses(400, 401, 413, 422, 429))
+@router.post("", status_code=201, response_model=DatasetOut,
+             responses=error_responses(400, 401, 403, 413, 422, 429))
 def upload_dataset(tenant: LimitedTenantDep, state: StateDep, session: SessionDep,
                    file: Annotated[UploadFile, File(description='JSONL: one {"prompt", "completion"} per line')]
                    ) -> DatasetOut:
     limits = DatasetLimits.from_settings(state.settings)
     data = read_upload(file, limit=limits.max_bytes, what="the dataset")
+    check_storage_quota(session, tenant_id=tenant.id, adding=len(data), limit_mb=state.settings.tenant_max_storage_mb)
     try:
         row = create_dataset(session, storage=state.storage, tenant_id=tenant.id, data=data,
                              tokenizer=state.engine.tokenizer, limits=limits)
