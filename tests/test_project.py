@@ -42,7 +42,7 @@ def test_compose_parses_and_names_every_setting():
 def test_cli_help_for_every_command():
     commands = ["serve", "worker", "db upgrade", "tenant create", "tenant list", "key rotate", "adapter push",
                 "adapter list", "adapter pull", "dataset push", "job submit", "job watch", "job cancel", "bench",
-                "demo"]
+                "demo", "gc"]
     for cmd in commands:
         out = subprocess.run([sys.executable, "-m", "promptfleet.cli", *cmd.split(), "--help"],
                              capture_output=True, text=True, timeout=60)

@@ -95,6 +95,26 @@ def db_upgrade(revision: str = "head") -> None:
     typer.echo(f"database at {url.split('@')[-1]} upgraded to {revision}")
 
 
+@app.command()
+def gc(min_age: float = typer.Option(3600.0, help="Seconds a file must be untouched before it can go."),
+       dry_run: bool = typer.Option(False, "--dry-run", help="Report what would go; delete nothing.")) -> None:
+    """Delete stored blobs and KV prefixes no live adapter version or dataset refers to
+    (deleted versions keep theirs until this runs); safe while the server runs."""
+    from dataclasses import asdict
+
+    from promptfleet.db import make_engine, make_session_factory
+    from promptfleet.storage_gc import collect_garbage
+
+    settings = Settings()
+    engine = make_engine(settings.resolved_database_url())
+    try:
+        report = collect_garbage(make_session_factory(engine), blob_root=settings.blob_dir,
+                                 prefix_root=settings.prefix_dir, min_age_s=min_age, dry_run=dry_run)
+    finally:
+        engine.dispose()
+    _print(asdict(report))
+
+
 @db_app.command("downgrade")
 def db_downgrade(revision: str = typer.Argument(..., help="Target revision, e.g. base.")) -> None:
     """Revert migrations down to REVISION."""

@@ -77,6 +77,11 @@ class Settings(BaseSettings):
     def blob_dir(self) -> Path:
         return self.data_dir / "blobs"
 
+    @property
+    def prefix_dir(self) -> Path:
+        """Built KV prefixes (a disk cache; ``promptfleet gc`` drops those of deleted adapters)."""
+        return self.data_dir / "prefixes"
+
 
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:

@@ -85,6 +85,9 @@ class LocalBlobStorage:
         digest = sha256_hex(data)
         path = self._path(digest)
         try:
+            # touched first: a garbage-collection sweep keeps a blob touched recently, so
+            # reusing this one cannot race its deletion (see promptfleet.storage_gc)
+            os.utime(path)
             if path.read_bytes() == data:
                 return digest
             log.warning("blob %s on disk is corrupt; rewriting it", digest)

@@ -102,7 +102,7 @@ def build_state(settings: Settings, metrics: Metrics, *, engine: Engine | None =
         closers.append(db_engine.dispose)
         storage = LocalBlobStorage(settings.blob_dir)
         # Device LRU over a disk tier of built prefixes (a restart reads them, not recomputes).
-        prefix_store = PrefixStore(settings.data_dir / "prefixes", weights_id=engine.weights_id, dtype=engine.dtype,
+        prefix_store = PrefixStore(settings.prefix_dir, weights_id=engine.weights_id, dtype=engine.dtype,
                                    device=engine.device)
         adapter_cache = AdapterCache(prefix_store.builder(engine.build_adapter), settings.adapter_cache_mb << 20)
         celery_app, worker = _celery(settings, celery_app, closers)
