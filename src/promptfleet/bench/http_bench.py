@@ -85,12 +85,14 @@ class Load:
     requests: int = 0
     errors: int = 0
     ttft: list[float] = field(default_factory=list)
+    gaps: list[float] = field(default_factory=list)  # between a stream's chunks after the first (ITL)
     elapsed: float = 0.0
 
     def summary(self) -> dict:
         return {"tokens_per_s": round(self.tokens / self.elapsed, 2) if self.elapsed else None,
                 "requests": self.requests, "tokens": self.tokens, "errors": self.errors,
                 "ttft_p50_ms": ms(percentile(self.ttft, 50)), "ttft_p99_ms": ms(percentile(self.ttft, 99)),
+                "itl_p50_ms": ms(percentile(self.gaps, 50)), "itl_p99_ms": ms(percentile(self.gaps, 99)),
                 "seconds": round(self.elapsed, 2)}
 
 
@@ -115,7 +117,7 @@ class ServerThread:
 
 
 async def _http_stream(client: httpx.AsyncClient, body: dict, headers: dict, load: Load) -> None:
-    start = time.perf_counter()
+    start = last = time.perf_counter()
     first = None
     async with client.stream("POST", "/v1/completions", json=body, headers=headers) as r:
         if r.status_code != 200:
@@ -127,8 +129,13 @@ async def _http_stream(client: httpx.AsyncClient, body: dict, headers: dict, loa
             chunk = json.loads(line[6:])
             if "error" in chunk:
                 raise RuntimeError(chunk["error"]["message"])
-            if first is None and chunk["choices"] and chunk["choices"][0]["text"]:
-                first = time.perf_counter() - start
+            if chunk["choices"] and chunk["choices"][0]["text"]:
+                now = time.perf_counter()
+                if first is None:
+                    first = now - start
+                else:
+                    load.gaps.append(now - last)
+                last = now
             if chunk.get("usage"):
                 load.tokens += chunk["usage"]["completion_tokens"]
     if first is not None:
@@ -137,11 +144,16 @@ async def _http_stream(client: httpx.AsyncClient, body: dict, headers: dict, loa
 
 async def _engine_stream(engine: Engine, prompt: str, params: SamplingParams, prefix: AdapterPrefix,
                          load: Load) -> None:
-    start = time.perf_counter()
+    start = last = time.perf_counter()
     first = None
     async for delta in engine.generate(prompt, params, prefix):
-        if first is None and delta.text:
-            first = time.perf_counter() - start
+        if delta.text:
+            now = time.perf_counter()
+            if first is None:
+                first = now - start
+            else:
+                load.gaps.append(now - last)
+            last = now
         if delta.finish_reason is not None:
             load.tokens += delta.completion_tokens
     if first is not None:
