@@ -87,3 +87,55 @@ async def test_requests_joining_mid_stream_ride_the_decode_pass_and_match_peft(
         want = peft_reference(small_checkpoint, peft_adapters[adapter] if adapter else None,
                               engine.tokenizer.encode(prompt), n_new)
         assert got == want, (adapter, prompt)
+
+
+async def test_a_long_prompt_is_prefilled_in_chunks_while_others_decode(small_checkpoint, peft_adapters,
+                                                                         peft_reference):
+    """Chunked prefill: with a 32-token step budget, a ~150-token prompt (behind a
+    prefix-tuning adapter) is prefilled over several steps, each also carrying the running
+    streams' decode tokens; its answer and theirs still equal PEFT's."""
+    from promptfleet.platform.config import EngineConfig
+    from promptfleet.platform.engine import Engine
+
+    engine = Engine.from_pretrained(small_checkpoint, EngineConfig(max_step_tokens=32, max_batch_size=8))
+    try:
+        for name, path in peft_adapters.items():
+            engine.add_adapter(name, load_adapter_dir(path))
+        steps: list[list[tuple[bool, bool, int]]] = []
+        forward = engine._forward_and_sample
+
+        def spy(groups):
+            steps.append([(g.is_prompt, g.sample, g.tokens) for g in groups])
+            return forward(groups)
+
+        engine._forward_and_sample = spy
+        n_new = 8
+        long_prompt = " ".join(f"item {i}," for i in range(50))
+        started = asyncio.Event()
+
+        async def run(adapter, prompt, signal: bool = False):
+            tokens = []
+            async for delta in engine.generate(prompt, SamplingParams(max_tokens=n_new if not signal else 24,
+                                                                      **GREEDY), adapter=adapter):
+                tokens += delta.token_ids
+                if signal:
+                    started.set()
+            return tokens
+
+        early = [asyncio.create_task(run(a, p, signal=True)) for a, p in [("pt_a", "Hello"), (None, "The fleet")]]
+        await started.wait()
+        late = await run("prefix", long_prompt)
+        early_out = await asyncio.gather(*early)
+    finally:
+        engine.stop()
+    ids = engine.tokenizer.encode(long_prompt)
+    assert len(ids) > 100
+    assert late == peft_reference(small_checkpoint, peft_adapters["prefix"], ids, n_new)
+    for (adapter, prompt), got in zip([("pt_a", "Hello"), (None, "The fleet")], early_out):
+        want = peft_reference(small_checkpoint, peft_adapters[adapter] if adapter else None,
+                              engine.tokenizer.encode(prompt), 24)
+        assert got == want, (adapter, prompt)
+    inner_chunks = [s for s in steps if any(is_prompt and not sample for is_prompt, sample, _ in s)]
+    assert len(inner_chunks) >= 3, steps                      # the long prompt took several steps ...
+    assert all(any(not is_prompt for is_prompt, _, _ in s) for s in inner_chunks)  # ... each with decode rows
+    assert all(sum(n for *_, n in s) <= 32 for s in steps), steps  # and no forward carried more than the budget

@@ -102,7 +102,7 @@ class EngineConfig:
     kv_cache_bytes: int = 2 << 30     # admission budget for reserved KV tokens
     max_queue: int = 512              # waiting requests before refusing
     max_model_len: int | None = None  # default: the backbone's n_positions
-    max_prefill_tokens: int = 4096    # padded prompt tokens prefilled in one step
+    max_step_tokens: int = 512        # tokens per forward: decode rows + prompt chunks (chunked prefill)
     attention: str = "auto"           # auto | sdpa | flash
     linear_kernels: str = "auto"      # auto | onednn | torch (see linear_kernels.py)
     repetition: RepetitionConfig = field(default_factory=RepetitionConfig)

@@ -6,9 +6,9 @@ thread, and an async API.
     async for delta in engine.generate("Hello", SamplingParams(max_tokens=32), adapter="support-bot"):
         print(delta.text, end="")
 
-Each loop iteration admits waiting requests (prefilling them, prompt tokens only: an
-adapter's virtual tokens are copied from its shared prefix), then runs ONE decode step
-over every running sequence whatever its adapter.
+Each loop iteration admits waiting requests (an adapter's virtual tokens are copied from
+its shared prefix: only prompt tokens are ever prefilled), then runs ONE forward over
+every running sequence whatever its adapter: decode tokens and prompt chunks together.
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ from promptfleet.platform.adapter import AdapterPrefix, AdapterWeights, build_pr
 from promptfleet.platform.config import EngineConfig, ModelConfig, resolve_dtype
 from promptfleet.platform.kv_cache import SlotKVCache, flash_attn_available
 from promptfleet.platform.model import GPT2
-from promptfleet.platform.packing import Group, pack
+from promptfleet.platform.packing import Group, pack, plan_step
 from promptfleet.platform.sampling import SamplingParams, sample
 from promptfleet.platform.scheduler import QueueFullError, RequestTooLargeError, Scheduler
 from promptfleet.platform.sequence import CompletionDelta, Sequence, SeqStatus
@@ -56,9 +56,9 @@ class EngineStats:
     steps: int
     tokens_generated: int
     prompt_tokens: int
-    decode_seconds: float = 0.0      # wall time inside decode steps
-    decode_row_tokens: int = 0       # tokens produced by decode steps
-    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0      # wall time inside decode-only steps
+    decode_row_tokens: int = 0       # tokens produced by decode-only steps
+    prefill_seconds: float = 0.0     # wall time inside steps that carried prompt tokens (decode rows too)
 
 
 class Engine:
@@ -271,25 +271,20 @@ class Engine:
 
     @torch.inference_mode()
     def step(self) -> None:
-        """Admit what fits, then ONE forward for the running batch's decode tokens and the
-        admitted prompts together (prompts past ``max_prefill_tokens`` run in passes of
-        their own first): a prompt arriving mid-stream costs its own tokens' share of a
-        pass, not a pass of its own through every weight."""
-        decoding = list(self.scheduler.running)
-        passes = self._prefill_passes(self.scheduler.admit())
-        for groups in passes[:-1]:
-            t0 = time.perf_counter()
-            self._forward_and_sample(groups)
-            self._prefill_s += time.perf_counter() - t0
-        groups = ([Group.decode(decoding)] if decoding else []) + (passes[-1] if passes else [])
+        """Admit what fits, then ONE forward: a decode token for every running sequence
+        whose prompt is cached, plus prompt chunks up to ``max_step_tokens`` (see
+        ``packing.plan_step``). A prompt arriving mid-stream costs its own tokens' share
+        of a pass, and a long one is spread over steps instead of stalling every stream."""
+        self.scheduler.admit()
+        groups = plan_step(self.scheduler.running, max_step_tokens=self.config.max_step_tokens)
         if groups:
             t0 = time.perf_counter()
             self._forward_and_sample(groups)
-            if decoding:  # a fused step counts as decode time (the bench's decode steps are pure)
-                self._decode_s += time.perf_counter() - t0
-                self._decode_tokens += len(decoding)
-            else:
+            if any(g.is_prompt for g in groups):  # prompt tokens aboard: a prefill step
                 self._prefill_s += time.perf_counter() - t0
+            else:  # decode-only steps: what decode utilisation is measured on
+                self._decode_s += time.perf_counter() - t0
+                self._decode_tokens += sum(len(g.seqs) for g in groups)
         self._release_finished()
         self._steps += 1
 
@@ -297,41 +292,19 @@ class Engine:
         for seq in [s for s in self.scheduler.running if s.status is SeqStatus.FINISHED]:
             self.scheduler.release(seq)
 
-    def _prefill_passes(self, seqs: list[Sequence]) -> list[list[Group]]:
-        """Admitted sequences (consecutive slots) as prefill groups, one per run of equal
-        prompt lengths, so no prompt is padded (a padded token costs as much as a real
-        one); then split into passes of at most ``max_prefill_tokens`` (one group at least)."""
-        groups: list[Group] = []
-        for seq in seqs:
-            last = groups[-1].seqs if groups else None
-            if last and len(last[0].prompt_ids) == len(seq.prompt_ids):
-                last.append(seq)
-            else:
-                groups.append(Group(seqs=[seq], new_tokens=[], is_prompt=True))
-        passes: list[list[Group]] = []
-        tokens = 0
-        for group in groups:
-            group.new_tokens = [s.prompt_ids for s in group.seqs]
-            size = len(group.seqs) * len(group.seqs[0].prompt_ids)
-            if passes and tokens + size <= self.config.max_prefill_tokens:
-                passes[-1].append(group)
-                tokens += size
-            else:
-                passes.append([group])
-                tokens = size
-        return passes
-
     def _forward_and_sample(self, groups: list[Group]) -> None:
         batch = pack(groups, self.cache, n_positions=self.model_config.n_positions, device=self.device)
         hidden = self.model(batch.ids, batch.positions, batch.ctx)
-        logits = self.model.logits(hidden[0, batch.last]).cpu()
-        seqs = [s for g in groups for s in g.seqs]
-        tokens = iter(sample(logits, [s.sampler_row() for s in seqs], self._rng))
         for g in groups:
             for seq, toks in zip(g.seqs, g.new_tokens):
                 seq.cached += len(toks)
                 if g.is_prompt:
                     self._prompt_tokens += len(toks)
-                self._generated += 1
-                seq.append(next(tokens), self.max_model_len)
-                seq.flush()
+        seqs = [s for g in groups if g.sample for s in g.seqs]
+        if not seqs:
+            return
+        logits = self.model.logits(hidden[0, batch.last]).cpu()
+        for seq, token in zip(seqs, sample(logits, [s.sampler_row() for s in seqs], self._rng)):
+            self._generated += 1
+            seq.append(token, self.max_model_len)
+            seq.flush()

@@ -1,8 +1,12 @@
 """One engine step's model input: groups of sequences (the running batch's decode tokens,
-the prompts admitted this step) packed into a single ``[1, N]`` forward.
+chunks of prompts being prefilled) packed into a single ``[1, N]`` forward.
 
-Each group is a rectangle: its sequences sit in consecutive KV slots and bring new
-tokens right-padded to the group's longest; ``PackedBatch`` runs attention per group.
+``plan_step`` decides what a step carries: one decode token of every sequence whose
+prompt is in the cache, plus prompt tokens up to a per-step budget, in slot order -- a
+long prompt is prefilled over several steps (chunked prefill) so the streams already
+running keep their pace. Each group is a rectangle: its sequences sit in consecutive KV
+slots and bring new tokens right-padded to the group's longest (equal lengths in
+practice); ``PackedBatch`` runs attention per group.
 """
 from __future__ import annotations
 
@@ -18,15 +22,48 @@ from promptfleet.platform.sequence import Sequence
 class Group:
     seqs: list[Sequence]
     new_tokens: list[list[int]]
-    is_prompt: bool  # a prefill (counted as prompt tokens) rather than decode tokens
+    is_prompt: bool      # prompt tokens (a prefill chunk) rather than decode tokens
+    sample: bool = True  # a token is drawn from each row's last position (not for a prompt's inner chunk)
 
-    @classmethod
-    def decode(cls, seqs: list[Sequence]) -> "Group":
-        return cls(seqs, [[s.output_ids[-1]] for s in seqs], is_prompt=False)
+    @property
+    def tokens(self) -> int:
+        return sum(len(t) for t in self.new_tokens)
 
-    @classmethod
-    def prefill(cls, seqs: list[Sequence]) -> "Group":
-        return cls(seqs, [s.prompt_ids for s in seqs], is_prompt=True)
+
+def prompt_done(seq: Sequence) -> bool:
+    return seq.cached >= seq.n_prefix + len(seq.prompt_ids)
+
+
+def plan_step(running: list[Sequence], *, max_step_tokens: int, min_prompt_tokens: int = 16) -> list[Group]:
+    """Groups for one step over ``running`` (in slot order): every decoding sequence, and
+    prompt chunks within ``max_step_tokens`` minus the decode rows (at least
+    ``min_prompt_tokens``, so prompts always progress)."""
+    decoding = sum(1 for s in running if prompt_done(s))
+    budget = max(max_step_tokens - decoding, min_prompt_tokens)
+    groups: list[Group] = []
+    for seq in running:
+        prev = groups[-1] if groups and groups[-1].seqs[-1].slot == seq.slot - 1 else None
+        if prompt_done(seq):
+            if prev is not None and not prev.is_prompt:
+                prev.seqs.append(seq)
+                prev.new_tokens.append([seq.output_ids[-1]])
+            else:
+                groups.append(Group([seq], [[seq.output_ids[-1]]], is_prompt=False))
+            continue
+        if budget <= 0:
+            continue  # waits for the next step, its slot and prefix already held
+        done = seq.cached - seq.n_prefix
+        take = min(len(seq.prompt_ids) - done, budget)
+        budget -= take
+        chunk = seq.prompt_ids[done:done + take]
+        final = done + take == len(seq.prompt_ids)
+        if (prev is not None and prev.is_prompt and prev.sample and final
+                and len(prev.new_tokens[0]) == take):  # a burst of equal prompts: one rectangle
+            prev.seqs.append(seq)
+            prev.new_tokens.append(chunk)
+        else:
+            groups.append(Group([seq], [chunk], is_prompt=True, sample=final))
+    return groups
 
 
 @dataclass
@@ -34,7 +71,7 @@ class PackedInput:
     ids: torch.Tensor        # [1, N]
     positions: torch.Tensor  # [1, N]
     ctx: PackedBatch
-    last: torch.Tensor       # [rows]: index in N of each sequence's last new token
+    last: torch.Tensor       # [sampled rows]: index in N of each sampling row's last new token
 
 
 def pack(groups: list[Group], cache: SlotKVCache, *, n_positions: int, device: torch.device) -> PackedInput:
@@ -54,7 +91,8 @@ def pack(groups: list[Group], cache: SlotKVCache, *, n_positions: int, device: t
         ids.append(block.reshape(-1))
         positions.append(pos.reshape(-1))
         contexts.append(SlotBatch(cache, slot0, start, q_lens, width))
-        last.extend(offset + b * width + q - 1 for b, q in enumerate(q_lens))
+        if g.sample:
+            last.extend(offset + b * width + q - 1 for b, q in enumerate(q_lens))
         offset += len(g.seqs) * width
     return PackedInput(ids=torch.cat(ids)[None].to(device), positions=torch.cat(positions)[None].to(device),
-                       ctx=PackedBatch(contexts), last=torch.tensor(last, device=device))
+                       ctx=PackedBatch(contexts), last=torch.tensor(last, dtype=torch.long, device=device))
