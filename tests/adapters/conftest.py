@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import tarfile
 import zipfile
 from pathlib import Path
 from types import SimpleNamespace
@@ -13,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import save as save_safetensors
 
+from promptfleet.testing import tar_gz_with
 from promptfleet.adapters.storage import LocalBlobStorage
 from promptfleet.db import session_scope
 from promptfleet.platform.config import ModelConfig
@@ -52,13 +52,7 @@ def zip_bytes(files: dict[str, bytes]) -> bytes:
 
 
 def tar_gz_bytes(files: dict[str, bytes]) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w:gz") as tf:
-        for name, data in files.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tf.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
+    return tar_gz_with(files)
 
 
 def dir_files(path: Path, *, folder: str | None = None) -> dict[str, bytes]:

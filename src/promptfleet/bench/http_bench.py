@@ -116,9 +116,29 @@ class ServerThread:
         self.thread.join(timeout=30)
 
 
+class _StreamClock:
+    """One stream's time to first text and the gaps between its texts, into ``load``."""
+
+    def __init__(self, load: Load) -> None:
+        self.load = load
+        self.start = self.last = time.perf_counter()
+        self.first: float | None = None
+
+    def text(self) -> None:
+        now = time.perf_counter()
+        if self.first is None:
+            self.first = now - self.start
+        else:
+            self.load.gaps.append(now - self.last)
+        self.last = now
+
+    def done(self) -> None:
+        if self.first is not None:
+            self.load.ttft.append(self.first)
+
+
 async def _http_stream(client: httpx.AsyncClient, body: dict, headers: dict, load: Load) -> None:
-    start = last = time.perf_counter()
-    first = None
+    clock = _StreamClock(load)
     async with client.stream("POST", "/v1/completions", json=body, headers=headers) as r:
         if r.status_code != 200:
             await r.aread()
@@ -130,34 +150,21 @@ async def _http_stream(client: httpx.AsyncClient, body: dict, headers: dict, loa
             if "error" in chunk:
                 raise RuntimeError(chunk["error"]["message"])
             if chunk["choices"] and chunk["choices"][0]["text"]:
-                now = time.perf_counter()
-                if first is None:
-                    first = now - start
-                else:
-                    load.gaps.append(now - last)
-                last = now
+                clock.text()
             if chunk.get("usage"):
                 load.tokens += chunk["usage"]["completion_tokens"]
-    if first is not None:
-        load.ttft.append(first)
+    clock.done()
 
 
 async def _engine_stream(engine: Engine, prompt: str, params: SamplingParams, prefix: AdapterPrefix,
                          load: Load) -> None:
-    start = last = time.perf_counter()
-    first = None
+    clock = _StreamClock(load)
     async for delta in engine.generate(prompt, params, prefix):
         if delta.text:
-            now = time.perf_counter()
-            if first is None:
-                first = now - start
-            else:
-                load.gaps.append(now - last)
-            last = now
+            clock.text()
         if delta.finish_reason is not None:
             load.tokens += delta.completion_tokens
-    if first is not None:
-        load.ttft.append(first)
+    clock.done()
 
 
 async def run_load(one_request, *, concurrency: int, duration: float | None = None,
