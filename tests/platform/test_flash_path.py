@@ -76,15 +76,19 @@ async def _answers(engine: Engine, requests, n_new: int, stagger: bool):
     return await asyncio.gather(*first, *[run(a, p) for a, p in requests[3:]])
 
 
-@pytest.mark.parametrize("stagger", [False, True])
+@pytest.mark.parametrize("stagger, step_tokens", [(False, 512), (True, 512), (True, 8)])
 async def test_flash_path_matches_sdpa_and_peft(fake_flash_attn, small_checkpoint, peft_adapters, peft_reference,
-                                                stagger):
+                                                stagger, step_tokens):
+    """``step_tokens=8`` prefills the longer prompts in chunks (cache_seqlens > 0 with
+    several new tokens: the causal mask must be aligned bottom-right)."""
     requests = [("pt_a", "The quick brown fox"), (None, "Hello world"), ("prefix", "a"),
-                ("ptune", "Once upon a time in a land far away"), ("pt_b", "PromptFleet"), (None, "Mixed batches")]
+                ("ptune", "Once upon a time in a land far away, long ago"), ("pt_b", "PromptFleet"),
+                (None, "Mixed batches of many adapters on one backbone")]
     n_new = 8
     answers = {}
     for backend in ("flash", "sdpa"):
-        engine = Engine.from_pretrained(small_checkpoint, EngineConfig(attention=backend, max_batch_size=8))
+        engine = Engine.from_pretrained(small_checkpoint, EngineConfig(attention=backend, max_batch_size=8,
+                                                                       max_step_tokens=step_tokens))
         try:
             assert engine.attention_backend == backend
             for name, path in peft_adapters.items():
