@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 
-
 def test_engine_is_built_from_the_settings(tmp_path, small_checkpoint, helpers):
     settings = helpers.api_settings(tmp_path / "data", small_checkpoint, max_step_tokens=64, linear_kernels="torch",
                                     max_batch_size=7)
