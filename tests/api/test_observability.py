@@ -66,6 +66,9 @@ def test_metrics(api, peft_zips):
     assert value("promptfleet_completion_requests_total", tenant=name, model="unknown", status="404") == 1
     assert value("promptfleet_completion_latency_seconds_count", tenant=name, model="bot") == 2
     assert value("promptfleet_time_to_first_token_seconds_count", tenant=name, model="bot") == 1  # one was cached
+    assert value("promptfleet_time_per_output_token_seconds_count", tenant=name, model="bot") == 1
+    assert value("promptfleet_time_per_output_token_seconds_sum", tenant=name, model="bot") > 0
+    assert value("promptfleet_engine_decode_seconds_total") > 0 and value("promptfleet_engine_prefill_seconds_total") > 0
     assert value("promptfleet_completion_tokens_total", tenant=name, model="bot") == 6
     assert value("promptfleet_prompt_tokens_total", tenant=name, model="bot") == 2 * len(api.engine.encode("hi"))
     assert value("promptfleet_generation_cache_hits_total", tenant=name, model="bot") == 1

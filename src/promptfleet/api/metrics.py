@@ -15,6 +15,7 @@ from promptfleet.platform.engine import Engine
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+_TPOT_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1, 2.5)
 
 
 class _EngineCollector(Collector):
@@ -39,6 +40,10 @@ class _EngineCollector(Collector):
             usage = s.kv_reserved_tokens / s.kv_budget_tokens if s.kv_budget_tokens else 0.0
             yield GaugeMetricFamily("promptfleet_kv_cache_usage_ratio", "Reserved / budget KV tokens.", value=usage)
             yield CounterMetricFamily("promptfleet_engine_steps", "Engine loop steps.", value=s.steps)
+            yield CounterMetricFamily("promptfleet_engine_decode_seconds", "Seconds in decode-only engine steps.",
+                                      value=s.decode_seconds)
+            yield CounterMetricFamily("promptfleet_engine_prefill_seconds",
+                                      "Seconds in engine steps that carried prompt tokens.", value=s.prefill_seconds)
         cache = self._adapter_cache()
         if cache is not None:
             c = cache.stats()
@@ -75,6 +80,9 @@ class Metrics:
                                  buckets=_LATENCY_BUCKETS, registry=r)
         self.ttft = Histogram("promptfleet_time_to_first_token_seconds", "Time to the first token.",
                               ["tenant", "model"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.tpot = Histogram("promptfleet_time_per_output_token_seconds",
+                              "After the first token, seconds per further token of a choice (inter-token latency).",
+                              ["tenant", "model"], buckets=_TPOT_BUCKETS, registry=r)
         self.prompt_tokens = Counter("promptfleet_prompt_tokens", "Prompt tokens processed.",
                                      ["tenant", "model"], registry=r)
         self.completion_tokens = Counter("promptfleet_completion_tokens", "Completion tokens generated.",

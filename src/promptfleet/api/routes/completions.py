@@ -72,6 +72,9 @@ class _Recorder:
             m.latency.labels(t, label).observe(time.perf_counter() - self.start)
         if gen.ttft is not None:
             m.ttft.labels(t, label).observe(gen.ttft)
+            per_choice = gen.total_completion_tokens / max(1, len(gen.choices))
+            if status == 200 and per_choice > 1:
+                m.tpot.labels(t, label).observe((time.perf_counter() - gen.first_token_at) / (per_choice - 1))
         m.prompt_tokens.labels(t, label).inc(gen.prompt_tokens)
         m.completion_tokens.labels(t, label).inc(gen.total_completion_tokens)
         if gen.cache_hits:
