@@ -21,6 +21,8 @@ class Settings(BaseSettings):
     broker_url: str | None = Field(default=None, description="Celery broker; default an embedded SQLite broker.")
     result_backend: str | None = None
     admin_key: str = Field(default="pf-admin-dev", description="Bearer key for /admin.")
+    metrics_key: str = Field(default="", description="Bearer key /metrics asks for; empty: open (a scraper "
+                             "inside the network). Metric labels carry tenant and adapter names.")
 
     # --- model / engine
     model: str = Field(default="", description="GPT-2 checkpoint directory (or hub id when reachable).")

@@ -82,6 +82,16 @@ def test_metrics(api, peft_zips):
     assert value("promptfleet_http_requests_total", route="/v1/adapters", method="POST", status="201") == 1
 
 
+def test_metrics_key_when_set(make_api):
+    api = make_api(metrics_key="scrape-me")
+    assert api.client.get("/metrics").status_code == 401
+    r = api.client.get("/metrics", headers={"Authorization": "Bearer wrong"})
+    assert r.status_code == 401 and r.json()["error"]["message"] == "invalid metrics key"
+    ok = api.client.get("/metrics", headers={"Authorization": "Bearer scrape-me"})
+    assert ok.status_code == 200 and "promptfleet_engine_running" in ok.text
+    assert api.client.get("/healthz").status_code == 200  # probes stay open
+
+
 def test_two_apps_in_one_process_have_their_own_metrics(make_api):
     a, b = make_api(), make_api()
     a.client.get("/healthz")

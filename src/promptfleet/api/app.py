@@ -71,6 +71,7 @@ def create_app(settings: Settings, *, engine: Engine | None = None, celery_app: 
                   description="Many prompt-tuning adapters on one shared GPT-2 backbone; OpenAI-compatible "
                               "completions. Authenticate with `Authorization: Bearer <key>`.")
     app.state.metrics = metrics
+    app.state.metrics_key = settings.metrics_key
     app.state.pf = None
     install_error_handlers(app)
     for module in (completions, models, adapters, datasets, jobs, admin, health):

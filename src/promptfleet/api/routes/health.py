@@ -1,10 +1,15 @@
-"""Liveness, readiness and Prometheus metrics (no authentication)."""
+"""Liveness and readiness (no authentication) and Prometheus metrics (a bearer key when
+``metrics_key`` is set: labels carry tenant and adapter names)."""
 from __future__ import annotations
+
+import hmac
 
 from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response
 
+from promptfleet.api.deps import bearer_token
+from promptfleet.api.errors import unauthorized
 from promptfleet.api.metrics import CONTENT_TYPE
 from promptfleet.api.responses import error_responses
 from promptfleet.api.schemas import Health
@@ -33,7 +38,10 @@ async def readyz(request: Request) -> JSONResponse:
 
 @router.get("/metrics", response_class=Response,
             responses={200: {"content": {CONTENT_TYPE.split(";")[0]: {"schema": {"type": "string"}}},
-                             "description": "Prometheus text format"}})
+                             "description": "Prometheus text format"}, **error_responses(401)})
 async def metrics(request: Request) -> Response:
+    key = getattr(request.app.state, "metrics_key", "")
+    if key and not hmac.compare_digest(bearer_token(request).encode(), key.encode()):
+        raise unauthorized("invalid metrics key")
     registry = request.app.state.metrics
     return Response(registry.render(), media_type=CONTENT_TYPE)
