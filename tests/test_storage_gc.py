@@ -124,6 +124,9 @@ def test_a_blob_touched_or_made_live_after_selection_is_put_back(session_factory
 
 def test_cli_gc_reports_json(tmp_path):
     env = {**os.environ, "PROMPTFLEET_DATA_DIR": str(tmp_path / "data")}
+    unmigrated = subprocess.run([sys.executable, "-m", "promptfleet.cli", "gc"], env=env, capture_output=True,
+                                text=True, timeout=120)
+    assert unmigrated.returncode == 2 and "promptfleet db upgrade" in unmigrated.stderr + unmigrated.stdout
     subprocess.run([sys.executable, "-m", "promptfleet.cli", "db", "upgrade"], env=env, check=True,
                    capture_output=True, timeout=120)
     out = subprocess.run([sys.executable, "-m", "promptfleet.cli", "gc", "--dry-run"], env=env,

@@ -105,11 +105,17 @@ def gc(min_age: float = typer.Option(3600.0, help="Seconds a file must be untouc
     from promptfleet.db import make_engine, make_session_factory
     from promptfleet.storage_gc import collect_garbage
 
+    from sqlalchemy.exc import SQLAlchemyError
+
     settings = Settings()
-    engine = make_engine(settings.resolved_database_url())
+    url = settings.resolved_database_url()
+    engine = make_engine(url)
     try:
         report = collect_garbage(make_session_factory(engine), blob_root=settings.blob_dir,
                                  prefix_root=settings.prefix_dir, min_age_s=min_age, dry_run=dry_run)
+    except SQLAlchemyError as exc:
+        _fail(f"cannot read the registry at {url.split('@')[-1]} (run `promptfleet db upgrade` first?): "
+              f"{str(exc).splitlines()[0]}", code=2)
     finally:
         engine.dispose()
     _print(asdict(report))
