@@ -85,7 +85,6 @@ class SlotBatch:
         self.cache, self.slot0, self.B, self.T = cache, slot0, len(start), T
         dev = cache.k[0].device
         self.start_t = torch.tensor(start, dtype=torch.long, device=dev)
-        self.q_lens = q_lens
         self.rows = torch.arange(slot0, slot0 + self.B, device=dev)
         if cache.backend == "flash":
             return
@@ -94,7 +93,6 @@ class SlotBatch:
         if any(q != T for q in q_lens):
             valid = steps[None, :] < torch.tensor(q_lens, device=dev)[:, None]
             pos = torch.where(valid, pos, torch.full_like(pos, cache.max_len))
-        self.write_pos = pos
         # row (slot, pos) of a layer's cache viewed as [slots * positions, H * D]
         self.flat_index = (self.rows[:, None] * cache.k[0].shape[1] + pos).reshape(-1)
         self.tk = max(s + q for s, q in zip(start, q_lens))

@@ -90,10 +90,6 @@ class PackedLinear(nn.Module):
         self.packed_weight = packed
         self.bias = None if bias is None else bias.detach().clone()
 
-    @property
-    def weight_dtype(self) -> torch.dtype:
-        return self.packed_weight.dtype
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
         flat = x.reshape(rows, self.in_features)
