@@ -38,18 +38,22 @@ def mib(n: int) -> str:
     return f"{n / (1 << 20):g} MiB"
 
 
+async def send_error(send: Send, status: int, message: str, code: str) -> None:
+    """An OpenAI-shaped JSON error sent straight from middleware (the app never ran), closing the connection."""
+    body = json.dumps(error_body(message, status=status, code=code)).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                            (b"connection", b"close")]})
+    await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
 class BodyLimitMiddleware:
     def __init__(self, app: ASGIApp, *, limit_for: Callable[[str, str], BodyLimit | None]) -> None:
         self.app = app
         self.limit_for = limit_for  # (method, path) -> the cap, or None for none
 
     async def _refuse(self, send: Send, limit: BodyLimit) -> None:
-        body = json.dumps(error_body(f"request body is larger than {limit.what}", status=413,
-                                     code="request_too_large")).encode()
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                                (b"connection", b"close")]})
-        await send({"type": "http.response.body", "body": body, "more_body": False})
+        await send_error(send, 413, f"request body is larger than {limit.what}", "request_too_large")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -111,13 +115,8 @@ class HeaderLimitMiddleware:
         if scope["type"] == "http":
             size = sum(len(name) + len(value) for name, value in scope.get("headers", ()))
             if size > self.max_bytes:
-                body = json.dumps(error_body(
-                    f"request headers total {size} bytes; the limit is {self.max_bytes // 1024} KiB",
-                    status=431, code="request_header_fields_too_large")).encode()
-                await send({"type": "http.response.start", "status": 431,
-                            "headers": [(b"content-type", b"application/json"),
-                                        (b"content-length", str(len(body)).encode()), (b"connection", b"close")]})
-                await send({"type": "http.response.body", "body": body, "more_body": False})
+                await send_error(send, 431, f"request headers total {size} bytes; the limit is "
+                                            f"{self.max_bytes // 1024} KiB", "request_header_fields_too_large")
                 return
         await self.app(scope, receive, send)
 
