@@ -50,8 +50,11 @@ def live_digests(session: Session) -> set[str]:
 
 
 def _is_live(factory: sessionmaker[Session], sha256: str) -> bool:
+    """Whether a live adapter version or a dataset refers to this one blob now."""
     with factory() as session:
-        return sha256 in live_digests(session)
+        adapter = select(AdapterVersion.id).where(AdapterVersion.sha256 == sha256, AdapterVersion.deleted_at.is_(None))
+        dataset = select(Dataset.id).where(Dataset.sha256 == sha256)
+        return session.scalar(adapter.limit(1)) is not None or session.scalar(dataset.limit(1)) is not None
 
 
 def _old(path: Path, min_age_s: float, now: float) -> bool:
