@@ -94,3 +94,18 @@ def tar_link(name: str, kind: bytes, target: str = "", **attrs):
     for key, value in attrs.items():
         setattr(info, key, value)
     return info
+
+
+def api_error(response, status: int, code: str | None = None, *, type: str | None = None) -> dict:
+    """Assert ``response`` is an OpenAI-shaped error (``{"error": {message, type, code}}``)
+    with this status (and code / type when given); returns the error object."""
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert set(body) == {"error"} and {"message", "type", "code"} <= set(body["error"]), body
+    err = body["error"]
+    assert err["message"] and err["type"], err
+    if type is not None:
+        assert err["type"] == type, err
+    if code is not None:
+        assert err["code"] == code, err
+    return err

@@ -11,6 +11,7 @@ from peft import PeftModel
 from transformers import GPT2LMHeadModel
 
 from promptfleet.platform.tokenizer import load_tokenizer
+from promptfleet.testing import api_error as _err
 
 
 def peft_greedy(checkpoint: Path, adapter_dir: Path, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
@@ -23,15 +24,6 @@ def peft_greedy(checkpoint: Path, adapter_dir: Path, prompt_ids: list[int], max_
                              do_sample=False, pad_token_id=50256, eos_token_id=50256, use_cache=False)
     tokens = out[0, len(prompt_ids):].tolist()
     return tokens[: tokens.index(50256)] if 50256 in tokens else tokens
-
-
-def _err(r, status: int, code: str | None = None) -> dict:
-    assert r.status_code == status, r.text
-    err = r.json()["error"]
-    assert err["message"] and err["type"]
-    if code is not None:
-        assert err["code"] == code, err
-    return err
 
 
 def test_upload_list_get_download_delete(make_api, db_kind, peft_zips, peft_dirs, small_checkpoint, tmp_path):

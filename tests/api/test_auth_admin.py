@@ -3,15 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-
-def _err(r, status: int, code: str | None = None) -> dict:
-    assert r.status_code == status, r.text
-    body = r.json()
-    assert set(body) == {"error"} and {"message", "type", "code"} <= set(body["error"]), body
-    assert body["error"]["message"]
-    if code is not None:
-        assert body["error"]["code"] == code, body
-    return body["error"]
+from promptfleet.testing import api_error as _err
 
 
 @pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer"}, {"Authorization": "Basic abc"},

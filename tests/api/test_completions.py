@@ -8,17 +8,13 @@ import json
 import pytest
 
 from promptfleet.platform.sampling import SamplingParams
+from promptfleet.testing import api_error
 
 GREEDY = {"model": "gpt2", "max_tokens": 8, "temperature": 0}
 
 
 def _err(r, status: int, code: str | None = None) -> dict:
-    assert r.status_code == status, r.text
-    err = r.json()["error"]
-    assert err["message"] and err["type"] == "invalid_request_error"
-    if code is not None:
-        assert err["code"] == code, err
-    return err
+    return api_error(r, status, code, type="invalid_request_error")
 
 
 def sse_events(text: str) -> list:

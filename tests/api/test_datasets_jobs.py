@@ -8,20 +8,13 @@ import time
 
 import pytest
 
+from promptfleet.testing import api_error as _err
+
 
 def jsonl(n: int = 8, completion: str = " the fleet sails") -> bytes:
     words = ["apple", "river", "stone", "cloud", "seven", "green"]
     return "".join(json.dumps({"prompt": f"{words[i % 6]} {words[(i * 5) % 6]}:", "completion": completion}) + "\n"
                    for i in range(n)).encode()
-
-
-def _err(r, status: int, code: str | None = None) -> dict:
-    assert r.status_code == status, r.text
-    err = r.json()["error"]
-    assert err["message"] and err["type"]
-    if code is not None:
-        assert err["code"] == code, err
-    return err
 
 
 def upload_dataset(api, headers, data: bytes):
