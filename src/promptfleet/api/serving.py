@@ -51,21 +51,15 @@ def resolve_model(session: Session, *, engine: Engine, adapter_cache: AdapterCac
     return ResolvedModel(name=model, label=version.name, scope=f"{version.id}:{version.sha256}", prefix=prefix)
 
 
+# fields refused when set to anything truthy (their defaults are falsy)
+_UNSUPPORTED = (("echo", "echo"), ("logprobs", "logprobs"), ("suffix", "suffix"),
+                ("frequency_penalty", "frequency_penalty (use repetition_penalty)"),
+                ("presence_penalty", "presence_penalty (use repetition_penalty)"), ("logit_bias", "logit_bias"))
+
+
 def check_supported(req: CompletionRequest) -> None:
     """Refuse the OpenAI parameters this server does not implement (when set to a non-default)."""
-    unsupported = []
-    if req.echo:
-        unsupported.append("echo")
-    if req.logprobs:
-        unsupported.append("logprobs")
-    if req.suffix:
-        unsupported.append("suffix")
-    if req.frequency_penalty:
-        unsupported.append("frequency_penalty (use repetition_penalty)")
-    if req.presence_penalty:
-        unsupported.append("presence_penalty (use repetition_penalty)")
-    if req.logit_bias:
-        unsupported.append("logit_bias")
+    unsupported = [label for field, label in _UNSUPPORTED if getattr(req, field)]
     if req.best_of is not None and req.best_of != (req.n or 1):
         unsupported.append("best_of (other than equal to n)")
     if unsupported:
