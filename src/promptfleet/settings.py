@@ -35,7 +35,7 @@ class Settings(BaseSettings):
     max_model_len: int = 1024
     max_step_tokens: int = Field(default=512, description="Tokens per engine step (decode rows + prompt chunks): "
                                  "lower keeps streams smoother when long prompts arrive, higher prefills faster.")
-    linear_kernels: str = Field(default="auto", description="auto | onednn | torch (CPU linears; see README).")
+    linear_kernels: str = Field(default="auto", description="auto | avx512 | onednn | torch (CPU linears; see README).")
     adapter_cache_mb: int = 256
 
     # --- API limits

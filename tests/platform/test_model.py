@@ -8,6 +8,7 @@ from transformers import GPT2LMHeadModel
 from promptfleet.platform.config import ModelConfig, resolve_dtype
 from promptfleet.platform.linear_kernels import onednn_linear_available, resolve_kernels
 from promptfleet.platform.model import DenseCache
+from promptfleet.platform.native_gemm import unavailable_reason
 from promptfleet.platform.random_checkpoint import make_random_checkpoint
 from promptfleet.platform.tokenizer import load_tokenizer
 from promptfleet.platform.weights import load_gpt2
@@ -19,8 +20,11 @@ def _ours_logits(model, ids: torch.Tensor) -> torch.Tensor:
     return model.logits(model(ids, pos, cache))
 
 
-KERNELS = ["torch", pytest.param("onednn", marks=pytest.mark.skipif(
-    not onednn_linear_available(torch.device("cpu"), torch.float32), reason="this torch has no oneDNN"))]
+NO_ONEDNN = not onednn_linear_available(torch.device("cpu"), torch.float32)
+ONEDNN = pytest.param("onednn", marks=pytest.mark.skipif(NO_ONEDNN, reason="this torch has no oneDNN"))
+AVX512 = pytest.param("avx512", marks=pytest.mark.skipif(unavailable_reason() is not None,
+                                                         reason=f"native kernel: {unavailable_reason()}"))
+KERNELS = ["torch", ONEDNN, AVX512]
 
 
 @pytest.mark.parametrize("kernels", KERNELS)
@@ -68,7 +72,7 @@ def test_dtypes():
         resolve_dtype("cpu", "float16")
 
 
-@pytest.mark.parametrize("kernels", KERNELS)
+@pytest.mark.parametrize("kernels", ["torch", ONEDNN])
 def test_bfloat16_on_cpu_runs(tiny_checkpoint, kernels):
     model = load_gpt2(tiny_checkpoint, dtype=torch.bfloat16, linear_kernels=kernels)
     fp32 = load_gpt2(tiny_checkpoint)
@@ -78,9 +82,13 @@ def test_bfloat16_on_cpu_runs(tiny_checkpoint, kernels):
     assert (a.argmax(-1) == b.argmax(-1)).float().mean() >= 0.75
 
 
-def test_auto_kernels_pick_onednn_on_cpu_where_available_and_refuse_unknown_names(tiny_checkpoint):
-    expected = "onednn" if onednn_linear_available(torch.device("cpu"), torch.float32) else "torch"
+def test_auto_kernels_pick_the_fastest_that_runs_and_refuse_unknown_names(tiny_checkpoint):
+    expected = "avx512" if unavailable_reason() is None else "torch" if NO_ONEDNN else "onednn"
     assert load_gpt2(tiny_checkpoint).linear_kernels == expected
+    bf16 = "torch" if NO_ONEDNN else "onednn"  # the native kernel is fp32 only
+    assert load_gpt2(tiny_checkpoint, dtype=torch.bfloat16).linear_kernels == bf16
+    with pytest.raises(ValueError, match="avx512 linear kernel cannot run here: it runs float32 on CPU"):
+        resolve_kernels("avx512", torch.device("cpu"), torch.bfloat16)
     assert resolve_kernels("auto", torch.device("cuda"), torch.float16) == "torch"
     with pytest.raises(ValueError, match="oneDNN linears need a CPU"):
         resolve_kernels("onednn", torch.device("cuda"), torch.float16)
@@ -96,7 +104,8 @@ def test_tokenizer_is_real_gpt2_bpe(tiny_checkpoint):
 @pytest.mark.parametrize("activation", ["gelu", "relu", "gelu_pytorch_tanh"])
 @pytest.mark.parametrize("kernels", KERNELS)
 def test_other_activations_match_transformers(tmp_path, activation, kernels):
-    """The oneDNN path fuses the MLP activation into c_fc: each supported one must match."""
+    """oneDNN fuses the MLP activation into c_fc, the native kernel applies it after:
+    each supported one must match."""
     import json
 
     ckpt = make_random_checkpoint(tmp_path / "ckpt", shape="tiny", seed=3, scale=8.0)  # activations O(1)

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from promptfleet.platform.linear_kernels import onednn_linear_available
+from promptfleet.platform.native_gemm import native_gemm, unavailable_reason
 from promptfleet.platform.random_checkpoint import make_random_checkpoint
 
 log = logging.getLogger(__name__)
@@ -33,15 +34,19 @@ def matmul_peak_flops(dtype: torch.dtype = torch.float32, device: str = "cpu", n
                       seconds: float = 2.0) -> dict[str, float]:
     """Best measured FLOP/s of an ``n x n`` matmul on this machine for ``dtype``, per
     kernel: ``torch.mm`` (MKL on CPU, cuBLAS on CUDA) and, on CPU, oneDNN on a packed
-    weight (what the engine's linears use; on AMD CPUs MKL runs its AVX2 path and oneDNN
-    its AVX-512 one, about 2x apart). The peak is the best of them: a utilisation
-    against a slower kernel's peak would flatter."""
+    weight and the engine's own AVX-512 kernel where they run (on AMD CPUs MKL runs its
+    AVX2 path and oneDNN its AVX-512 one, about 2x apart). The peak is the best of them:
+    a utilisation against a slower kernel's peak would flatter."""
     a = torch.randn(n, n, dtype=dtype, device=device)
     b = torch.randn(n, n, dtype=dtype, device=device)
     kernels = {"mm": lambda: torch.mm(a, b)}
     if onednn_linear_available(a.device, dtype):
         packed = torch.ops.mkldnn._reorder_linear_weight(b, n)
         kernels["onednn"] = lambda: torch.ops.mkldnn._linear_pointwise(a, packed, None, "none", [], "")
+    if device == "cpu" and dtype == torch.float32 and unavailable_reason() is None:
+        gemm = native_gemm()
+        panels = gemm.pack(b.T)
+        kernels["avx512"] = lambda: gemm.linear(a, panels, n)
     best: dict[str, float] = {}
     for name, fn in kernels.items():
         fn()

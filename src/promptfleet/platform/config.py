@@ -104,6 +104,6 @@ class EngineConfig:
     max_model_len: int | None = None  # default: the backbone's n_positions
     max_step_tokens: int = 512        # tokens per forward: decode rows + prompt chunks (chunked prefill)
     attention: str = "auto"           # auto | sdpa | flash
-    linear_kernels: str = "auto"      # auto | onednn | torch (see linear_kernels.py)
+    linear_kernels: str = "auto"      # auto | avx512 | onednn | torch (see linear_kernels.py)
     repetition: RepetitionConfig = field(default_factory=RepetitionConfig)
     num_threads: int | None = None    # torch intra-op threads on CPU

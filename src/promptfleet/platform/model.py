@@ -25,7 +25,7 @@ class AttentionContext(Protocol):
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor: ...
 
 
-def _activation(name: str):
+def activation_fn(name: str):
     if name in ("gelu_new", "gelu_pytorch_tanh", "gelu_fast"):
         return lambda x: F.gelu(x, approximate="tanh")
     if name == "gelu":
@@ -47,7 +47,7 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(d, eps=cfg.layer_norm_epsilon)
         self.c_fc = nn.Linear(d, 4 * d)
         self.mlp_proj = nn.Linear(4 * d, d)
-        self.act = _activation(cfg.activation_function)
+        self.act = activation_fn(cfg.activation_function)
         self.fused_activation = False  # True once c_fc applies the activation itself (linear_kernels)
 
     def forward(self, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:

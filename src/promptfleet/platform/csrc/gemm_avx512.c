@@ -1,0 +1,95 @@
+/* fp32 GEMM for the engine's linears on AVX-512 CPUs: C[m, n] = sum_k A[m, k] W[n, k] + bias[n].
+ *
+ * Why: at decode a linear sees M = batch (~32) rows and reads its whole weight from DRAM
+ * for them. MKL and oneDNN then run at 10-11 GB/s of weight traffic on this project's
+ * machines (about half the 22 GB/s two cores can stream) because the loads do not overlap
+ * the FMAs. Here W is packed once into column panels of NR = 48 (three zmm registers),
+ * [P][K][NR], so a panel is one contiguous stream; each panel is multiplied against all
+ * rows in blocks of MR = 8 (24 accumulators), and while the later row blocks run on the
+ * panel (now in L2) the next panel is prefetched into L2 a cache line per k step.
+ * Python (native_gemm.py) compiles this once per machine and calls it through ctypes;
+ * threads come from torch's own OpenMP runtime (this library links the libgomp torch
+ * loaded), split over panels.
+ *
+ * Contract: M a multiple of MR (the caller pads rows), A row-major [M][K], C row-major
+ * [M][N]; bias may be NULL. */
+#include <immintrin.h>
+#include <omp.h>
+
+#define NR 48
+#define MR 8
+#define PF_K 32 /* k steps ahead for in-panel prefetch of a panel nobody prefetched */
+
+int pf_panel_width(void) { return NR; }
+int pf_row_block(void) { return MR; }
+
+/* One MR x NR block: rows A[0..MR) against panel B[K][NR]. While it runs, prefetch
+ * `pf_lines` cache lines starting at `pf` into L2; `cold` prefetches this panel's own
+ * lines PF_K steps ahead (its first pass when nothing prefetched it). */
+static inline void block(const float *A, long lda, const float *B, long K, float *C, long ldc, int ncols,
+                         const float *bias, const float *pf, long pf_lines, int cold) {
+    __m512 acc[MR][3];
+    for (int i = 0; i < MR; i++)
+        for (int j = 0; j < 3; j++) acc[i][j] = _mm512_setzero_ps();
+    long issued = 0;
+    for (long k = 0; k < K; k++) {
+        const float *b = B + k * NR;
+        if (cold && k + PF_K < K) {
+            _mm_prefetch((const char *)(b + PF_K * NR), _MM_HINT_T0);
+            _mm_prefetch((const char *)(b + PF_K * NR + 16), _MM_HINT_T0);
+            _mm_prefetch((const char *)(b + PF_K * NR + 32), _MM_HINT_T0);
+        }
+        if (issued < pf_lines) _mm_prefetch((const char *)(pf + 16 * issued++), _MM_HINT_T1);
+        __m512 b0 = _mm512_loadu_ps(b), b1 = _mm512_loadu_ps(b + 16), b2 = _mm512_loadu_ps(b + 32);
+#pragma GCC unroll 8
+        for (int i = 0; i < MR; i++) {
+            __m512 a = _mm512_set1_ps(A[i * lda + k]);
+            acc[i][0] = _mm512_fmadd_ps(a, b0, acc[i][0]);
+            acc[i][1] = _mm512_fmadd_ps(a, b1, acc[i][1]);
+            acc[i][2] = _mm512_fmadd_ps(a, b2, acc[i][2]);
+        }
+    }
+    for (int j = 0; j < 3; j++) {
+        int c0 = j * 16;
+        if (c0 >= ncols) break;
+        int n = ncols - c0 < 16 ? ncols - c0 : 16;
+        __mmask16 mask = (__mmask16)((1u << n) - 1u);
+        __m512 bj = bias ? _mm512_maskz_loadu_ps(mask, bias + c0) : _mm512_setzero_ps();
+        for (int i = 0; i < MR; i++) _mm512_mask_storeu_ps(C + i * ldc + c0, mask, _mm512_add_ps(acc[i][j], bj));
+    }
+}
+
+void pf_linear(const float *A, long M, long K, const float *W, long N, const float *bias, float *C, int threads) {
+    long panels = (N + NR - 1) / NR, blocks = M / MR, panel = K * NR;
+#pragma omp parallel num_threads(threads)
+    {
+        int nt = omp_get_num_threads(), t = omp_get_thread_num();
+        long p0 = panels * t / nt, p1 = panels * (t + 1) / nt;
+        for (long p = p0; p < p1; p++) {
+            const float *B = W + p * panel;
+            int ncols = (int)(N - p * NR < NR ? N - p * NR : NR);
+            /* the next panel's lines, spread over row blocks 1.. (block 0 reads this panel cold) */
+            const float *next = p + 1 < p1 ? B + panel : 0;
+            long lines = next ? panel / 16 : 0;
+            long per = blocks > 1 ? (lines + blocks - 2) / (blocks - 1) : 0;
+            for (long r = 0; r < blocks; r++) {
+                long lo = per * (r - 1), hi = per * r < lines ? per * r : lines;
+                long n_pf = (r == 0 || hi <= lo) ? 0 : hi - lo;
+                block(A + r * MR * K, K, B, K, C + r * MR * N + p * NR, N, ncols, bias ? bias + p * NR : 0,
+                      n_pf ? next + 16 * lo : 0, n_pf, r == 0 && (p == p0 || blocks == 1));
+            }
+        }
+    }
+}
+
+/* W [N][K] row-major -> [P][K][NR], zero columns past N. */
+void pf_pack(const float *W, long N, long K, float *out) {
+    long panels = (N + NR - 1) / NR;
+#pragma omp parallel for
+    for (long p = 0; p < panels; p++)
+        for (long k = 0; k < K; k++)
+            for (long j = 0; j < NR; j++) {
+                long n = p * NR + j;
+                out[(p * K + k) * NR + j] = n < N ? W[n * K + k] : 0.f;
+            }
+}

@@ -1,0 +1,171 @@
+"""The AVX-512 fp32 GEMM in ``csrc/gemm_avx512.c``: compiled once per machine, called
+through ctypes (which releases the GIL for the call).
+
+Built with the machine's C compiler on first use into ``$XDG_CACHE_HOME/promptfleet/
+kernels`` (``~/.cache/...``; the temp dir if that is not writable), under a name that
+hashes the source, the flags and the compiler, so an edit or a new compiler rebuilds.
+It links the OpenMP runtime torch itself loaded, so its threads are torch's threads
+(two runtimes would each keep their own pool spinning on the same two cores).
+
+Anything missing (not x86-64 Linux, no AVX-512F, no compiler, no libgomp in this
+process, a failed compile) raises ``KernelUnavailable`` saying which; ``linear_kernels``
+then falls back to oneDNN under ``auto``.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).parent / "csrc" / "gemm_avx512.c"
+FLAGS = ("-O3", "-mavx512f", "-mfma", "-fopenmp", "-shared", "-fPIC", "-std=c99")
+
+
+class KernelUnavailable(RuntimeError):
+    """The native kernel cannot run here; the message says why."""
+
+
+def _loaded_libgomp() -> Path:
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError as exc:
+        raise KernelUnavailable(f"cannot read /proc/self/maps to find torch's OpenMP runtime: {exc}") from exc
+    paths = {line.split()[-1] for line in maps.splitlines() if "/libgomp" in line}
+    if len(paths) != 1:
+        raise KernelUnavailable(f"expected torch's one libgomp in this process, found {sorted(paths) or 'none'}")
+    return Path(paths.pop())
+
+
+def _cpu_has_avx512f() -> bool:
+    try:
+        return any(line.startswith("flags") and " avx512f" in line for line in open("/proc/cpuinfo"))
+    except OSError:
+        return False
+
+
+def _cache_dir() -> Path:
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "promptfleet" / "kernels"
+    try:
+        base.mkdir(parents=True, exist_ok=True)
+        if os.access(base, os.W_OK):
+            return base
+    except OSError:
+        pass
+    fallback = Path(tempfile.gettempdir()) / f"promptfleet-kernels-{os.getuid()}"
+    fallback.mkdir(mode=0o700, exist_ok=True)
+    return fallback
+
+
+def build_library(*, compiler: str | None = None, cache_dir: Path | None = None) -> Path:
+    """Compile ``SOURCE`` (or reuse the cached build); returns the shared library's path."""
+    if sys.platform != "linux" or platform.machine() not in ("x86_64", "AMD64"):
+        raise KernelUnavailable(f"x86-64 Linux only (this is {sys.platform} {platform.machine()})")
+    if not _cpu_has_avx512f():
+        raise KernelUnavailable("this CPU has no AVX-512F")
+    cc = compiler or os.environ.get("CC") or "cc"
+    cc_path = shutil.which(cc)
+    if cc_path is None:
+        raise KernelUnavailable(f"no C compiler {cc!r} on PATH (set CC)")
+    gomp = _loaded_libgomp()
+    try:
+        version = subprocess.run([cc_path, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise KernelUnavailable(f"C compiler {cc_path} does not run: {exc}") from exc
+    flags = (*FLAGS, f"-L{gomp.parent}", f"-Wl,-rpath,{gomp.parent}")
+    digest = hashlib.sha256(SOURCE.read_bytes() + repr((flags, version)).encode()).hexdigest()[:16]
+    target = (cache_dir or _cache_dir()) / f"gemm_avx512-{digest}.so"
+    if target.exists():
+        return target
+    tmp = target.with_name(f"{target.name}.{os.getpid()}.tmp")
+    cmd = [cc_path, *flags, str(SOURCE), "-o", str(tmp)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise KernelUnavailable(f"compiling {SOURCE.name} failed: {exc}") from exc
+    if proc.returncode != 0:
+        tmp.unlink(missing_ok=True)
+        raise KernelUnavailable(f"compiling {SOURCE.name} failed: {proc.stderr.strip()[-800:]}")
+    os.replace(tmp, target)  # atomic: a concurrent build writes the same bytes
+    log.info("compiled %s -> %s", SOURCE.name, target)
+    return target
+
+
+@dataclass(frozen=True)
+class NativeGemm:
+    """Handle on the loaded library: ``pack`` a weight once, then ``linear`` per call."""
+
+    lib: ctypes.CDLL
+    path: Path
+    panel_width: int  # NR: columns per packed panel
+    row_block: int    # MR: ``linear`` takes a multiple of this many rows
+
+    def pack(self, weight: torch.Tensor) -> torch.Tensor:
+        """``[N, K]`` fp32 weight -> the kernel's panel layout (a flat fp32 tensor)."""
+        if weight.dtype != torch.float32 or weight.device.type != "cpu" or weight.dim() != 2:
+            raise ValueError(f"native GEMM packs 2-D float32 CPU weights (got {weight.dtype}, {weight.device})")
+        weight = weight.detach().contiguous()
+        n, k = weight.shape
+        nr = self.panel_width
+        packed = torch.empty(-(-n // nr) * nr * k, dtype=torch.float32)
+        self.lib.pf_pack(weight.data_ptr(), n, k, packed.data_ptr())
+        return packed
+
+    def linear(self, x: torch.Tensor, packed: torch.Tensor, out_features: int,
+               bias: torch.Tensor | None = None) -> torch.Tensor:
+        """``x @ W.T + bias`` for 2-D fp32 ``x`` with a row count that is a multiple of ``row_block``."""
+        m, k = x.shape
+        if m % self.row_block or x.dtype != torch.float32 or packed.numel() % (k * self.panel_width):
+            raise ValueError(f"bad native GEMM call: x {tuple(x.shape)} {x.dtype}, packed {packed.numel()}")
+        x = x.contiguous()
+        out = torch.empty(m, out_features, dtype=torch.float32)
+        self.lib.pf_linear(x.data_ptr(), m, k, packed.data_ptr(), out_features,
+                           None if bias is None else bias.data_ptr(), out.data_ptr(), torch.get_num_threads())
+        return out
+
+
+def load(path: Path) -> NativeGemm:
+    lib = ctypes.CDLL(str(path))
+    ptr, long_ = ctypes.c_void_p, ctypes.c_long
+    lib.pf_linear.argtypes = [ptr, long_, long_, ptr, long_, ptr, ptr, ctypes.c_int]
+    lib.pf_linear.restype = None
+    lib.pf_pack.argtypes = [ptr, long_, long_, ptr]
+    lib.pf_pack.restype = None
+    lib.pf_panel_width.restype = lib.pf_row_block.restype = ctypes.c_int
+    _loaded_libgomp()  # still exactly one OpenMP runtime: ours is torch's
+    return NativeGemm(lib=lib, path=path, panel_width=lib.pf_panel_width(), row_block=lib.pf_row_block())
+
+
+@functools.cache
+def _native_gemm_or_reason() -> NativeGemm | KernelUnavailable:
+    try:
+        return load(build_library())
+    except KernelUnavailable as exc:
+        log.info("native AVX-512 GEMM unavailable: %s", exc)
+        return exc
+
+
+def native_gemm() -> NativeGemm:
+    """This process's kernel, built and loaded once; raises ``KernelUnavailable``."""
+    outcome = _native_gemm_or_reason()
+    if isinstance(outcome, KernelUnavailable):
+        raise outcome
+    return outcome
+
+
+def unavailable_reason() -> str | None:
+    """``None`` when the kernel runs here, else why not."""
+    outcome = _native_gemm_or_reason()
+    return str(outcome) if isinstance(outcome, KernelUnavailable) else None

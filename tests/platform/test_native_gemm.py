@@ -1,0 +1,88 @@
+"""The AVX-512 GEMM (csrc/gemm_avx512.c) against torch's ``F.linear``, at the shapes
+that exercise its edges: rows padded to the row block, columns past the last full panel,
+tiny and odd inner sizes, every thread count; and its build refusals."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from promptfleet.platform.linear_kernels import NativeLinear
+from promptfleet.platform.native_gemm import KernelUnavailable, build_library, native_gemm, unavailable_reason
+
+needs_kernel = pytest.mark.skipif(unavailable_reason() is not None, reason=f"native kernel: {unavailable_reason()}")
+
+
+@needs_kernel
+@pytest.mark.parametrize("rows", [1, 7, 8, 9, 32, 33, 130])
+@pytest.mark.parametrize("shape", [(48, 80), (768, 48), (3, 49), (77, 1), (16, 100)])
+def test_matches_torch_linear(rows, shape):
+    in_features, out_features = shape
+    torch.manual_seed(rows * 1000 + out_features)
+    linear = nn.Linear(in_features, out_features)
+    x = torch.randn(rows, in_features) * 2
+    with torch.inference_mode():
+        got = NativeLinear(linear, native_gemm())(x)
+        want = F.linear(x, linear.weight, linear.bias)
+    assert got.shape == (rows, out_features)
+    assert torch.allclose(got, want, atol=1e-4, rtol=1e-5), (got - want).abs().max()
+
+
+@needs_kernel
+@pytest.mark.parametrize("activation,fn", [("gelu_new", lambda y: F.gelu(y, approximate="tanh")), ("relu", F.relu)])
+def test_activation_bare_weight_and_leading_dims(activation, fn):
+    weight = torch.randn(100, 64)
+    x = torch.randn(2, 5, 64)
+    with torch.inference_mode():
+        got = NativeLinear(weight, native_gemm(), activation=activation)(x)
+    assert got.shape == (2, 5, 100)
+    assert torch.allclose(got, fn(x @ weight.T), atol=1e-4)
+
+
+@needs_kernel
+def test_thread_count_does_not_change_a_bit():
+    """Each output column is one thread's dot products in one fixed order."""
+    gemm = native_gemm()
+    weight, bias, x = torch.randn(2304, 768), torch.randn(2304), torch.randn(32, 768)
+    packed = gemm.pack(weight)
+    before = torch.get_num_threads()
+    try:
+        outs = []
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            outs.append(gemm.linear(x, packed, 2304, bias))
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+    assert torch.allclose(outs[0], F.linear(x, weight, bias), atol=1e-4)
+
+
+@needs_kernel
+def test_bad_calls_are_refused():
+    gemm = native_gemm()
+    packed = gemm.pack(torch.randn(48, 16))
+    with pytest.raises(ValueError, match="bad native GEMM call"):
+        gemm.linear(torch.randn(5, 16), packed, 48)  # rows not a multiple of the row block
+    with pytest.raises(ValueError, match="bad native GEMM call"):
+        gemm.linear(torch.randn(8, 15), packed, 48)  # inner size of another weight
+    with pytest.raises(ValueError, match="float32 CPU weights"):
+        gemm.pack(torch.randn(48, 16, dtype=torch.bfloat16))
+
+
+@needs_kernel
+def test_build_is_cached_by_content(tmp_path):
+    first = build_library(cache_dir=tmp_path)
+    stamp = first.stat().st_mtime_ns
+    assert build_library(cache_dir=tmp_path) == first and first.stat().st_mtime_ns == stamp
+    assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no temp files left behind
+
+
+def test_a_missing_or_failing_compiler_is_a_clear_refusal(tmp_path):
+    if unavailable_reason() is not None and "compiler" not in unavailable_reason():
+        pytest.skip(f"refused before the compiler is asked: {unavailable_reason()}")
+    with pytest.raises(KernelUnavailable, match="no C compiler 'no-such-cc'"):
+        build_library(compiler="no-such-cc", cache_dir=tmp_path)
+    with pytest.raises(KernelUnavailable, match="compiling gemm_avx512.c failed"):
+        build_library(compiler="false", cache_dir=tmp_path)
+    assert list(tmp_path.iterdir()) == []
