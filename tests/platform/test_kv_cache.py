@@ -1,6 +1,6 @@
-"""The slot KV cache's attention (SDPA backend) against plain float64 attention over each
-row's own keys: rows at different lengths, prefill chunks right-padded, decode steps, in
-fp32 and bf16 (bf16 attends in fp32 on CPU)."""
+"""The slot KV cache's attention (SDPA, and the AVX-512 decode kernel) against plain
+float64 attention over each row's own keys: rows at different lengths, prefill chunks
+right-padded, decode steps, in fp32 and bf16 (bf16 attends in fp32 on CPU)."""
 from __future__ import annotations
 
 import math
@@ -9,26 +9,35 @@ import pytest
 import torch
 
 from promptfleet.platform.config import ModelConfig
-from promptfleet.platform.kv_cache import PackedBatch, SlotBatch, SlotKVCache
+from promptfleet.platform.kv_cache import PackedBatch, SlotBatch, SlotKVCache, resolve_attention
+from promptfleet.platform.native_kernels import unavailable_reason
 
 CFG = ModelConfig(n_layer=1, n_head=4, n_embd=32, n_positions=64)
 H, D = CFG.n_head, CFG.head_dim
+CFG16 = ModelConfig(n_layer=1, n_head=4, n_embd=64, n_positions=64)  # head_dim 16: the native kernel's unit
+AVX512 = pytest.mark.skipif(unavailable_reason() is not None, reason=f"native kernels: {unavailable_reason()}")
 
 
 def reference(history_k: list[torch.Tensor], history_v: list[torch.Tensor], q: torch.Tensor, b: int,
               start: int, n: int) -> torch.Tensor:
     """Row b's n new queries over its keys 0..start+n-1, causal, in float64: [n, H, D]."""
     keys, values = history_k[b][: start + n].double(), history_v[b][: start + n].double()
-    scores = torch.einsum("qhd,khd->hqk", q[b, :n].double(), keys) / math.sqrt(D)
+    scores = torch.einsum("qhd,khd->hqk", q[b, :n].double(), keys) / math.sqrt(q.shape[-1])
     allowed = torch.arange(start + n)[None, :] <= (start + torch.arange(n))[:, None]
     scores = scores.masked_fill(~allowed, float("-inf"))
     return torch.einsum("hqk,khd->qhd", scores.softmax(-1), values)
 
 
-@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
-def test_slot_attention_matches_float64_reference(dtype, tol):
+@pytest.mark.parametrize("backend, cfg, dtype, tol", [
+    ("sdpa", CFG, torch.float32, 1e-5), ("sdpa", CFG, torch.bfloat16, 3e-2),
+    pytest.param("avx512", CFG16, torch.float32, 1e-5, marks=AVX512)])
+def test_slot_attention_matches_float64_reference(backend, cfg, dtype, tol):
     gen = torch.Generator().manual_seed(0)
-    cache = SlotKVCache(CFG, max_slots=4, max_len=40, device=torch.device("cpu"), dtype=dtype, backend="sdpa")
+    H, D = cfg.n_head, cfg.head_dim
+    cache = SlotKVCache(cfg, max_slots=4, max_len=40, device=torch.device("cpu"), dtype=dtype, backend=backend)
+    # a NaN in never-written positions must not reach any row (each reads only its own keys)
+    for t in cache.k + cache.v:
+        t.fill_(float("nan"))
     rows, prompt_lens = 3, [5, 2, 7]
     history_k = [torch.randn(40, H, D, generator=gen).to(dtype) for _ in range(rows)]
     history_v = [torch.randn(40, H, D, generator=gen).to(dtype) for _ in range(rows)]
@@ -42,6 +51,7 @@ def test_slot_attention_matches_float64_reference(dtype, tol):
             k[b, : new[b]] = history_k[b][lengths[b]: lengths[b] + new[b]]
             v[b, : new[b]] = history_v[b][lengths[b]: lengths[b] + new[b]]
         batch = SlotBatch(cache, 0, list(lengths), new, width)
+        assert (batch.native_lens is not None) == (backend == "avx512" and width == 1)
         out = batch.attend(0, q, k, v)
         for b in range(rows):
             want = reference(history_k, history_v, q, b, lengths[b], new[b])
@@ -72,3 +82,15 @@ def test_packed_groups_attend_like_separate_batches():
     assert torch.allclose(out[0, :2], alone_d.reshape(2, H, D), atol=1e-6)
     assert torch.allclose(out[0, 2:].reshape(2, 4, H, D)[0], alone_p[0], atol=1e-6)
     assert torch.allclose(out[0, 2:].reshape(2, 4, H, D)[1, :3], alone_p[1, :3], atol=1e-6)
+
+
+def test_resolve_attention_refuses_what_cannot_run_here():
+    cpu = torch.device("cpu")
+    assert resolve_attention("sdpa", cpu, torch.float32, 64) == "sdpa"
+    assert resolve_attention("auto", cpu, torch.bfloat16, 64) == "sdpa"  # the native kernel is fp32 only
+    assert resolve_attention("auto", cpu, torch.float32, 64) == ("avx512" if unavailable_reason() is None else "sdpa")
+    assert resolve_attention("auto", cpu, torch.float32, 8) == "sdpa"
+    with pytest.raises(ValueError, match="avx512 attention kernel cannot run here: .*head_dim a multiple of 16"):
+        resolve_attention("avx512", cpu, torch.float32, 8)
+    with pytest.raises(ValueError, match="unknown attention backend 'fast'"):
+        resolve_attention("fast", cpu, torch.float32, 64)

@@ -8,7 +8,7 @@ from transformers import GPT2LMHeadModel
 from promptfleet.platform.config import ModelConfig, resolve_dtype
 from promptfleet.platform.linear_kernels import onednn_linear_available, resolve_kernels
 from promptfleet.platform.model import DenseCache
-from promptfleet.platform.native_gemm import unavailable_reason
+from promptfleet.platform.native_kernels import unavailable_reason
 from promptfleet.platform.random_checkpoint import make_random_checkpoint
 from promptfleet.platform.tokenizer import load_tokenizer
 from promptfleet.platform.weights import load_gpt2

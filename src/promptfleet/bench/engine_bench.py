@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--virtual-tokens", type=int, default=20)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default=None)
-    ap.add_argument("--attention", default="auto", choices=["auto", "sdpa", "flash"])
+    ap.add_argument("--attention", default="auto", choices=["auto", "sdpa", "flash", "avx512"])
     ap.add_argument("--linear-kernels", default="auto", choices=["auto", "avx512", "onednn", "torch"])
     ap.add_argument("--rounds", type=int, default=2, help="alternating rounds of (a) and (b); best of each")
     ap.add_argument("--skip-baseline", action="store_true", help="skip (c) and (c2), the sequential loops")

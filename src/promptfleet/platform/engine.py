@@ -24,7 +24,7 @@ import torch
 
 from promptfleet.platform.adapter import AdapterPrefix, AdapterWeights, build_prefix
 from promptfleet.platform.config import EngineConfig, ModelConfig, resolve_dtype
-from promptfleet.platform.kv_cache import SlotKVCache, flash_attn_available
+from promptfleet.platform.kv_cache import SlotKVCache, resolve_attention
 from promptfleet.platform.model import GPT2
 from promptfleet.platform.packing import Group, pack, plan_step
 from promptfleet.platform.sampling import SamplingParams, sample
@@ -71,9 +71,7 @@ class Engine:
         self.dtype = model.wte.weight.dtype
         c = self.config
         self.max_model_len = min(c.max_model_len or self.model_config.n_positions, self.model_config.n_positions)
-        backend = c.attention
-        if backend == "auto":
-            backend = "flash" if flash_attn_available(self.device) and self.dtype != torch.float32 else "sdpa"
+        backend = resolve_attention(c.attention, self.device, self.dtype, self.model_config.head_dim)
         self.attention_backend = backend
         self.cache = SlotKVCache(self.model_config, max_slots=c.max_batch_size, max_len=self.max_model_len,
                                  device=self.device, dtype=self.dtype, backend=backend,

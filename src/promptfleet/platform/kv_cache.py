@@ -9,6 +9,12 @@ strided view. ``pad`` is 1 for SDPA (position ``max_len`` is a scratch row that 
 prefill tokens write into) and ``max_len`` for flash-attn, which appends past each row's
 end. On CPU ``torch.empty`` only reserves address space: pages become resident as tokens
 are written, so memory follows use; admission is bounded by a token budget (``Scheduler``).
+
+Attention backends (``resolve_attention``): ``flash`` (flash-attn, CUDA fp16/bf16),
+``sdpa`` (torch SDPA), and ``avx512`` on CPU fp32: SDPA for prompt chunks, and decode
+groups (one new token per row) through ``native_kernels``' decode attention, which reads
+each row's keys and values front to back once (8.2 vs 12.5 ms for SDPA over 12 layers at
+batch 32, 84 positions: 24 vs 15 GB/s).
 """
 from __future__ import annotations
 
@@ -19,11 +25,12 @@ import torch.nn.functional as F
 
 from promptfleet.platform.adapter import AdapterPrefix
 from promptfleet.platform.config import ModelConfig
+from promptfleet.platform.native_kernels import KernelUnavailable, NativeKernels, native_kernels
+
+ATTENTION = ("auto", "sdpa", "flash", "avx512")
 
 
-def flash_attn_available(device: torch.device) -> bool:
-    if device.type != "cuda":
-        return False
+def _flash_attn_importable() -> bool:
     try:
         import flash_attn  # noqa: F401
     except ImportError:
@@ -31,10 +38,44 @@ def flash_attn_available(device: torch.device) -> bool:
     return True
 
 
+def flash_attn_available(device: torch.device) -> bool:
+    return device.type == "cuda" and _flash_attn_importable()
+
+
+def resolve_attention(name: str, device: torch.device, dtype: torch.dtype, head_dim: int) -> str:
+    """``auto`` -> ``flash`` on CUDA in fp16/bf16 with flash-attn installed, ``avx512`` on
+    CPU in fp32 where the native kernels run, else ``sdpa``. Asking for one that cannot
+    run here is an error that says why."""
+    if name not in ATTENTION:
+        raise ValueError(f"unknown attention backend {name!r}; use one of {', '.join(ATTENTION)}")
+    if name == "auto" and flash_attn_available(device) and dtype != torch.float32:
+        return "flash"
+    if name == "flash":
+        if not _flash_attn_importable():
+            raise ValueError("flash attention needs the flash-attn package (pip install 'promptfleet[gpu]', CUDA)")
+        return "flash"
+    if name in ("auto", "avx512"):
+        reason = None
+        if device.type != "cpu" or dtype != torch.float32 or head_dim % 16:
+            reason = f"it runs float32 on CPU with head_dim a multiple of 16 (got {device.type}, {dtype}, {head_dim})"
+        else:
+            try:
+                native_kernels()
+            except KernelUnavailable as exc:
+                reason = str(exc)
+        if reason is None:
+            return "avx512"
+        if name == "avx512":
+            raise ValueError(f"the avx512 attention kernel cannot run here: {reason}")
+    return "sdpa"
+
+
 class SlotKVCache:
     def __init__(self, cfg: ModelConfig, *, max_slots: int, max_len: int, device: torch.device,
                  dtype: torch.dtype, backend: str, prefill_pad: int = 0) -> None:
         self.cfg, self.max_slots, self.max_len, self.backend = cfg, max_slots, max_len, backend
+        # decode groups go through the native kernel; everything else as with sdpa
+        self.decode_kernels: NativeKernels | None = native_kernels() if backend == "avx512" else None
         h, d = cfg.n_head, cfg.head_dim
         shape = (max_slots, max_len + (prefill_pad if backend == "flash" else 1), h, d)
         self.k = [torch.empty(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
@@ -86,6 +127,9 @@ class SlotBatch:
         dev = cache.k[0].device
         self.start_t = torch.tensor(start, dtype=torch.long, device=dev)
         self.rows = torch.arange(slot0, slot0 + self.B, device=dev)
+        # a decode group on the native kernel: row b attends to its first start[b] + 1 keys
+        self.native_lens = (torch.tensor(start, dtype=torch.int32) + 1
+                            if cache.decode_kernels is not None and T == 1 else None)
         if cache.backend == "flash":
             return
         steps = torch.arange(T, device=dev)
@@ -113,6 +157,10 @@ class SlotBatch:
         n, width = k.shape[0] * k.shape[1], k.shape[2] * k.shape[3]
         kc.view(-1, width).index_copy_(0, self.flat_index, k.reshape(n, width))
         vc.view(-1, width).index_copy_(0, self.flat_index, v.reshape(n, width))
+        if self.native_lens is not None:
+            out = c.decode_kernels.decode_attention(q.reshape(self.B, q.shape[2], q.shape[3]), kc, vc, self.slot0,
+                                                    self.native_lens)
+            return out.reshape(q.shape)
         s0, s1 = self.slot0, self.slot0 + self.B
         keys, values = kc[s0:s1, : self.tk].transpose(1, 2), vc[s0:s1, : self.tk].transpose(1, 2)
         q = q.transpose(1, 2)

@@ -1,6 +1,6 @@
 """Inference linears on packed weights (CPU): our AVX-512 kernel, or oneDNN.
 
-``avx512`` (``native_gemm.py``, fp32 only) is the fastest at decode: measured on the
+``avx512`` (``native_kernels.py``, fp32 only) is the fastest at decode: measured on the
 2-core Intel Xeon (AMX-capable, fp32 peak ~330 GFLOP/s) for GPT-2-small's linears at 32
 rows with weights cold in DRAM, 214-272 GFLOP/s against oneDNN's 167-186 and MKL's
 131-154, because it keeps the weight stream going while it computes (see the C file).
@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from promptfleet.platform.model import GPT2, activation_fn
-from promptfleet.platform.native_gemm import KernelUnavailable, NativeGemm, native_gemm
+from promptfleet.platform.native_kernels import KernelUnavailable, NativeKernels, native_kernels
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ def resolve_kernels(kernels: str, device: torch.device, dtype: torch.dtype) -> s
             reason = f"it runs float32 on CPU (got {device.type}, {dtype})"
         else:
             try:
-                native_gemm()
+                native_kernels()
             except KernelUnavailable as exc:
                 reason = str(exc)
         if reason is None:
@@ -145,11 +145,11 @@ class PackedLinear(nn.Module):
 
 
 class NativeLinear(nn.Module):
-    """``y = act(x @ W.T + b)`` through ``native_gemm`` (fp32, inference only). Rows are
+    """``y = act(x @ W.T + b)`` through ``native_kernels`` (fp32, inference only). Rows are
     padded to the kernel's row block (8); the activation runs after the GEMM (an
     elementwise pass over ``[rows, out]``: small next to reading the weight)."""
 
-    def __init__(self, linear: nn.Linear | torch.Tensor, gemm: NativeGemm, *, activation: str | None = None) -> None:
+    def __init__(self, linear: nn.Linear | torch.Tensor, gemm: NativeKernels, *, activation: str | None = None) -> None:
         super().__init__()
         weight = linear.weight if isinstance(linear, nn.Linear) else linear
         bias = linear.bias if isinstance(linear, nn.Linear) else None
@@ -185,7 +185,7 @@ def pack_linears(model: GPT2, kernels: str = "auto") -> str:
         return "torch"
     act = model.config.activation_function
     if chosen == "avx512":
-        gemm = native_gemm()
+        gemm = native_kernels()
 
         def wrap(linear: nn.Linear | torch.Tensor, activation: str | None = None) -> nn.Module:
             return NativeLinear(linear, gemm, activation=activation)

@@ -7,7 +7,7 @@
  * [P][K][NR], so a panel is one contiguous stream; each panel is multiplied against all
  * rows in blocks of MR = 8 (24 accumulators), and while the later row blocks run on the
  * panel (now in L2) the next panel is prefetched into L2 a cache line per k step.
- * Python (native_gemm.py) compiles this once per machine and calls it through ctypes;
+ * Python (native_kernels.py) compiles this once per machine and calls it through ctypes;
  * threads come from torch's own OpenMP runtime (this library links the libgomp torch
  * loaded), split over panels.
  *

@@ -1,7 +1,10 @@
-"""The AVX-512 GEMM (csrc/gemm_avx512.c) against torch's ``F.linear``, at the shapes
-that exercise its edges: rows padded to the row block, columns past the last full panel,
-tiny and odd inner sizes, every thread count; and its build refusals."""
+"""The AVX-512 kernels against torch: the GEMM (csrc/gemm_avx512.c) against ``F.linear``
+at the shapes that exercise its edges (rows padded to the row block, columns past the last
+full panel, tiny and odd inner sizes, every thread count); decode attention
+(csrc/decode_attention_avx512.c) against float64 softmax attention; and the refusals."""
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
@@ -9,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from promptfleet.platform.linear_kernels import NativeLinear
-from promptfleet.platform.native_gemm import KernelUnavailable, build_library, native_gemm, unavailable_reason
+from promptfleet.platform.native_kernels import KernelUnavailable, build_library, native_kernels, unavailable_reason
 
 needs_kernel = pytest.mark.skipif(unavailable_reason() is not None, reason=f"native kernel: {unavailable_reason()}")
 
@@ -23,7 +26,7 @@ def test_matches_torch_linear(rows, shape):
     linear = nn.Linear(in_features, out_features)
     x = torch.randn(rows, in_features) * 2
     with torch.inference_mode():
-        got = NativeLinear(linear, native_gemm())(x)
+        got = NativeLinear(linear, native_kernels())(x)
         want = F.linear(x, linear.weight, linear.bias)
     assert got.shape == (rows, out_features)
     assert torch.allclose(got, want, atol=1e-4, rtol=1e-5), (got - want).abs().max()
@@ -35,7 +38,7 @@ def test_activation_bare_weight_and_leading_dims(activation, fn):
     weight = torch.randn(100, 64)
     x = torch.randn(2, 5, 64)
     with torch.inference_mode():
-        got = NativeLinear(weight, native_gemm(), activation=activation)(x)
+        got = NativeLinear(weight, native_kernels(), activation=activation)(x)
     assert got.shape == (2, 5, 100)
     assert torch.allclose(got, fn(x @ weight.T), atol=1e-4)
 
@@ -43,7 +46,7 @@ def test_activation_bare_weight_and_leading_dims(activation, fn):
 @needs_kernel
 def test_thread_count_does_not_change_a_bit():
     """Each output column is one thread's dot products in one fixed order."""
-    gemm = native_gemm()
+    gemm = native_kernels()
     weight, bias, x = torch.randn(2304, 768), torch.randn(2304), torch.randn(32, 768)
     packed = gemm.pack(weight)
     before = torch.get_num_threads()
@@ -60,7 +63,7 @@ def test_thread_count_does_not_change_a_bit():
 
 @needs_kernel
 def test_bad_calls_are_refused():
-    gemm = native_gemm()
+    gemm = native_kernels()
     packed = gemm.pack(torch.randn(48, 16))
     with pytest.raises(ValueError, match="bad native GEMM call"):
         gemm.linear(torch.randn(5, 16), packed, 48)  # rows not a multiple of the row block
@@ -83,6 +86,42 @@ def test_a_missing_or_failing_compiler_is_a_clear_refusal(tmp_path):
         pytest.skip(f"refused before the compiler is asked: {unavailable_reason()}")
     with pytest.raises(KernelUnavailable, match="no C compiler 'no-such-cc'"):
         build_library(compiler="no-such-cc", cache_dir=tmp_path)
-    with pytest.raises(KernelUnavailable, match="compiling gemm_avx512.c failed"):
+    with pytest.raises(KernelUnavailable, match="compiling the AVX-512 kernels failed"):
         build_library(compiler="false", cache_dir=tmp_path)
     assert list(tmp_path.iterdir()) == []
+
+
+@needs_kernel
+@pytest.mark.parametrize("heads, dim", [(12, 64), (3, 16), (25, 64)])
+def test_decode_attention_matches_float64(heads, dim):
+    kernels = native_kernels()
+    gen = torch.Generator().manual_seed(heads)
+    slots, positions, batch, slot0 = 9, 1025, 6, 2
+    k_cache = torch.randn(slots, positions, heads, dim, generator=gen)
+    v_cache = torch.randn(slots, positions, heads, dim, generator=gen)
+    q = torch.randn(batch, heads, dim, generator=gen) * 4  # peaked softmax: large scores
+    lens = torch.tensor([1, 17, 16, 84, 1025, 333], dtype=torch.int32)
+    k_cache[slot0 + 1, 17:] = float("nan")  # past a row's length: never read
+    got = kernels.decode_attention(q, k_cache, v_cache, slot0, lens)
+    for b, n in enumerate(lens.tolist()):
+        keys, values = k_cache[slot0 + b, :n].double(), v_cache[slot0 + b, :n].double()
+        scores = torch.einsum("hd,khd->hk", q[b].double(), keys) / math.sqrt(dim)
+        want = torch.einsum("hk,khd->hd", scores.softmax(-1), values)
+        assert (got[b].double() - want).abs().max() < 2e-5, (b, n)
+
+
+@needs_kernel
+def test_decode_attention_refuses_bad_calls():
+    kernels = native_kernels()
+    k_cache = torch.zeros(4, 10, 2, 16)
+    q, lens = torch.zeros(2, 2, 16), torch.tensor([3, 4], dtype=torch.int32)
+    assert kernels.decode_attention(q, k_cache, k_cache, 2, lens).shape == (2, 2, 16)
+    for bad_lens in ([0, 4], [3, 11]):
+        with pytest.raises(ValueError, match="refused lengths"):
+            kernels.decode_attention(q, k_cache, k_cache, 0, torch.tensor(bad_lens, dtype=torch.int32))
+    with pytest.raises(ValueError, match="bad native attention call"):
+        kernels.decode_attention(q, k_cache, k_cache, 3, lens)  # rows 3..4 of 4 slots
+    with pytest.raises(ValueError, match="bad native attention call"):
+        kernels.decode_attention(q.bfloat16(), k_cache, k_cache, 0, lens)
+    with pytest.raises(ValueError, match="bad native attention call"):
+        kernels.decode_attention(torch.zeros(2, 2, 8), torch.zeros(4, 10, 2, 8), torch.zeros(4, 10, 2, 8), 0, lens)

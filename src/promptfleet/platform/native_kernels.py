@@ -1,5 +1,6 @@
-"""The AVX-512 fp32 GEMM in ``csrc/gemm_avx512.c``: compiled once per machine, called
-through ctypes (which releases the GIL for the call).
+"""The engine's AVX-512 fp32 CPU kernels (``csrc/*.c``): the linears' GEMM and decode
+attention. Compiled once per machine into one shared library, called through ctypes
+(which releases the GIL for the call).
 
 Built with the machine's C compiler on first use into ``$XDG_CACHE_HOME/promptfleet/
 kernels`` (``~/.cache/...``; the temp dir if that is not writable), under a name that
@@ -17,6 +18,7 @@ import ctypes
 import functools
 import hashlib
 import logging
+import math
 import os
 import platform
 import shutil
@@ -30,8 +32,8 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).parent / "csrc" / "gemm_avx512.c"
-FLAGS = ("-O3", "-mavx512f", "-mfma", "-fopenmp", "-shared", "-fPIC", "-std=c99")
+SOURCES = tuple(Path(__file__).parent / "csrc" / name for name in ("gemm_avx512.c", "decode_attention_avx512.c"))
+FLAGS = ("-O3", "-mavx512f", "-mfma", "-fopenmp", "-shared", "-fPIC", "-std=gnu11")
 
 
 class KernelUnavailable(RuntimeError):
@@ -70,7 +72,7 @@ def _cache_dir() -> Path:
 
 
 def build_library(*, compiler: str | None = None, cache_dir: Path | None = None) -> Path:
-    """Compile ``SOURCE`` (or reuse the cached build); returns the shared library's path."""
+    """Compile ``SOURCES`` (or reuse the cached build); returns the shared library's path."""
     if sys.platform != "linux" or platform.machine() not in ("x86_64", "AMD64"):
         raise KernelUnavailable(f"x86-64 Linux only (this is {sys.platform} {platform.machine()})")
     if not _cpu_has_avx512f():
@@ -85,27 +87,29 @@ def build_library(*, compiler: str | None = None, cache_dir: Path | None = None)
     except (OSError, subprocess.SubprocessError) as exc:
         raise KernelUnavailable(f"C compiler {cc_path} does not run: {exc}") from exc
     flags = (*FLAGS, f"-L{gomp.parent}", f"-Wl,-rpath,{gomp.parent}")
-    digest = hashlib.sha256(SOURCE.read_bytes() + repr((flags, version)).encode()).hexdigest()[:16]
-    target = (cache_dir or _cache_dir()) / f"gemm_avx512-{digest}.so"
+    code = b"".join(src.read_bytes() for src in SOURCES)
+    digest = hashlib.sha256(code + repr((flags, version)).encode()).hexdigest()[:16]
+    target = (cache_dir or _cache_dir()) / f"promptfleet_avx512-{digest}.so"
     if target.exists():
         return target
     tmp = target.with_name(f"{target.name}.{os.getpid()}.tmp")
-    cmd = [cc_path, *flags, str(SOURCE), "-o", str(tmp)]
+    cmd = [cc_path, *flags, *map(str, SOURCES), "-o", str(tmp)]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     except (OSError, subprocess.SubprocessError) as exc:
-        raise KernelUnavailable(f"compiling {SOURCE.name} failed: {exc}") from exc
+        raise KernelUnavailable(f"compiling the AVX-512 kernels failed: {exc}") from exc
     if proc.returncode != 0:
         tmp.unlink(missing_ok=True)
-        raise KernelUnavailable(f"compiling {SOURCE.name} failed: {proc.stderr.strip()[-800:]}")
+        raise KernelUnavailable(f"compiling the AVX-512 kernels failed: {proc.stderr.strip()[-800:]}")
     os.replace(tmp, target)  # atomic: a concurrent build writes the same bytes
-    log.info("compiled %s -> %s", SOURCE.name, target)
+    log.info("compiled the AVX-512 kernels -> %s", target)
     return target
 
 
 @dataclass(frozen=True)
-class NativeGemm:
-    """Handle on the loaded library: ``pack`` a weight once, then ``linear`` per call."""
+class NativeKernels:
+    """Handle on the loaded library: ``pack`` a weight once, then ``linear`` per call;
+    ``decode_attention`` for a batch of one-token queries over the slot cache."""
 
     lib: ctypes.CDLL
     path: Path
@@ -135,8 +139,29 @@ class NativeGemm:
                            None if bias is None else bias.data_ptr(), out.data_ptr(), torch.get_num_threads())
         return out
 
+    def decode_attention(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot0: int,
+                         lens: torch.Tensor) -> torch.Tensor:
+        """Softmax attention of ``q`` ``[B, H, D]`` over the first ``lens[b]`` positions of
+        cache slot ``slot0 + b`` (caches ``[slots, positions, H, D]``, fp32, contiguous);
+        returns ``[B, H, D]``."""
+        b, h, d = q.shape
+        slots, positions = k_cache.shape[:2]
+        if (q.dtype != torch.float32 or k_cache.dtype != torch.float32 or k_cache.shape != v_cache.shape
+                or k_cache.shape[2:] != (h, d) or d % 16 or not (k_cache.is_contiguous() and v_cache.is_contiguous())
+                or lens.dtype != torch.int32 or lens.shape != (b,) or not 0 <= slot0 <= slots - b):
+            raise ValueError(f"bad native attention call: q {tuple(q.shape)} {q.dtype}, cache {tuple(k_cache.shape)}")
+        q = q.contiguous()
+        out = torch.empty_like(q)
+        rc = self.lib.pf_decode_attention(q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), positions * h * d,
+                                          slot0, lens.data_ptr(), b, h, d, positions, 1.0 / math.sqrt(d),
+                                          out.data_ptr(), torch.get_num_threads())
+        if rc != 0:
+            raise ValueError(f"native attention refused lengths {lens.tolist()} (cache holds {positions}) "
+                             "or could not get scratch memory")
+        return out
 
-def load(path: Path) -> NativeGemm:
+
+def load(path: Path) -> NativeKernels:
     lib = ctypes.CDLL(str(path))
     ptr, long_ = ctypes.c_void_p, ctypes.c_long
     lib.pf_linear.argtypes = [ptr, long_, long_, ptr, long_, ptr, ptr, ctypes.c_int]
@@ -144,22 +169,25 @@ def load(path: Path) -> NativeGemm:
     lib.pf_pack.argtypes = [ptr, long_, long_, ptr]
     lib.pf_pack.restype = None
     lib.pf_panel_width.restype = lib.pf_row_block.restype = ctypes.c_int
+    lib.pf_decode_attention.argtypes = [ptr, ptr, ptr, long_, long_, ptr, long_, long_, long_, long_,
+                                        ctypes.c_float, ptr, ctypes.c_int]
+    lib.pf_decode_attention.restype = ctypes.c_int
     _loaded_libgomp()  # still exactly one OpenMP runtime: ours is torch's
-    return NativeGemm(lib=lib, path=path, panel_width=lib.pf_panel_width(), row_block=lib.pf_row_block())
+    return NativeKernels(lib=lib, path=path, panel_width=lib.pf_panel_width(), row_block=lib.pf_row_block())
 
 
 @functools.cache
-def _native_gemm_or_reason() -> NativeGemm | KernelUnavailable:
+def _native_kernels_or_reason() -> NativeKernels | KernelUnavailable:
     try:
         return load(build_library())
     except KernelUnavailable as exc:
-        log.info("native AVX-512 GEMM unavailable: %s", exc)
+        log.info("native AVX-512 kernels unavailable: %s", exc)
         return exc
 
 
-def native_gemm() -> NativeGemm:
-    """This process's kernel, built and loaded once; raises ``KernelUnavailable``."""
-    outcome = _native_gemm_or_reason()
+def native_kernels() -> NativeKernels:
+    """This process's kernels, built and loaded once; raises ``KernelUnavailable``."""
+    outcome = _native_kernels_or_reason()
     if isinstance(outcome, KernelUnavailable):
         raise outcome
     return outcome
@@ -167,5 +195,5 @@ def native_gemm() -> NativeGemm:
 
 def unavailable_reason() -> str | None:
     """``None`` when the kernel runs here, else why not."""
-    outcome = _native_gemm_or_reason()
+    outcome = _native_kernels_or_reason()
     return str(outcome) if isinstance(outcome, KernelUnavailable) else None

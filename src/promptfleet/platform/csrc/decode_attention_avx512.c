@@ -1,0 +1,108 @@
+/* fp32 decode attention on AVX-512: one query token per row against that row's cached keys.
+ *
+ * Why: at decode, attention is a pass over the batch's whole K/V cache (~200 MB a step for
+ * GPT-2-small at batch 32 and ~84 positions), so it is bound by how fast that streams.
+ * torch's CPU SDPA walks it per (row, head): 64-float pieces with a 3 KB stride in the
+ * engine's [slot][position][head][dim] layout. Here each row's keys, then values, are read
+ * front to back once, all heads together: scores for every head from one pass over K,
+ * a vectorised softmax, then one pass over V.
+ *
+ * q and out: [B][H][D]; K, V: [slots][positions][H][D] (slot stride `slot_stride` floats);
+ * row b uses slot `slot0 + b` and attends to its first lens[b] (>= 1) positions.
+ * D must be a multiple of 16. */
+#include <immintrin.h>
+#include <math.h>
+#include <omp.h>
+#include <stdlib.h>
+
+/* exp(x) for x <= 0 region and beyond: Cephes expf's range reduction and polynomial
+ * (relative error ~2e-7), 2^n applied with scalef. */
+static inline __m512 exp512(__m512 x) {
+    const __m512 log2e = _mm512_set1_ps(1.44269504088896341f);
+    const __m512 ln2_hi = _mm512_set1_ps(0.693359375f), ln2_lo = _mm512_set1_ps(-2.12194440e-4f);
+    x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.3762626647949f)), _mm512_set1_ps(-88.3762626647949f));
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, log2e), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, ln2_hi, x);
+    r = _mm512_fnmadd_ps(n, ln2_lo, r);
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    return _mm512_scalef_ps(p, n);
+}
+
+static inline __mmask16 tail_mask(long left) { return left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1u); }
+
+static void one_row(const float *q, const float *K, const float *V, long len, long H, long D, float scale,
+                    float *s /* [H][lpad] */, long lpad, float *out) {
+    long hd = H * D;
+    /* scores: one pass over K, every head per position */
+    for (long t = 0; t < len; t++) {
+        const float *krow = K + t * hd;
+        if (t + 4 < len) _mm_prefetch((const char *)(krow + 4 * hd), _MM_HINT_T0);
+        for (long h = 0; h < H; h++) {
+            __m512 acc = _mm512_setzero_ps();
+            for (long d = 0; d < D; d += 16)
+                acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + h * D + d), _mm512_loadu_ps(krow + h * D + d), acc);
+            s[h * lpad + t] = _mm512_reduce_add_ps(acc) * scale;
+        }
+    }
+    /* softmax per head (unnormalised; divided at the end) */
+    float inv[H];
+    for (long h = 0; h < H; h++) {
+        float *sh = s + h * lpad;
+        __m512 mx = _mm512_set1_ps(-INFINITY);
+        for (long t = 0; t < len; t += 16)
+            mx = _mm512_max_ps(mx, _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), tail_mask(len - t), sh + t));
+        __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(mx)), sum = _mm512_setzero_ps();
+        for (long t = 0; t < len; t += 16) {
+            __mmask16 k = tail_mask(len - t);
+            __m512 e = exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, sh + t), m));
+            e = _mm512_maskz_mov_ps(k, e);
+            _mm512_mask_storeu_ps(sh + t, k, e);
+            sum = _mm512_add_ps(sum, e);
+        }
+        inv[h] = 1.0f / _mm512_reduce_add_ps(sum);
+    }
+    /* weighted values: one pass over V */
+    for (long i = 0; i < hd; i += 16) _mm512_storeu_ps(out + i, _mm512_setzero_ps());
+    for (long t = 0; t < len; t++) {
+        const float *vrow = V + t * hd;
+        if (t + 4 < len) _mm_prefetch((const char *)(vrow + 4 * hd), _MM_HINT_T0);
+        for (long h = 0; h < H; h++) {
+            __m512 p = _mm512_set1_ps(s[h * lpad + t]);
+            for (long d = 0; d < D; d += 16) {
+                float *o = out + h * D + d;
+                _mm512_storeu_ps(o, _mm512_fmadd_ps(p, _mm512_loadu_ps(vrow + h * D + d), _mm512_loadu_ps(o)));
+            }
+        }
+    }
+    for (long h = 0; h < H; h++) {
+        __m512 f = _mm512_set1_ps(inv[h]);
+        for (long d = 0; d < D; d += 16) _mm512_storeu_ps(out + h * D + d, _mm512_mul_ps(f, _mm512_loadu_ps(out + h * D + d)));
+    }
+}
+
+/* Returns 0, or -1 when a row's length is out of range or scratch memory is short. */
+int pf_decode_attention(const float *q, const float *K, const float *V, long slot_stride, long slot0,
+                        const int *lens, long B, long H, long D, long max_len, float scale, float *out, int threads) {
+    if (D % 16) return -1;
+    for (long b = 0; b < B; b++)
+        if (lens[b] < 1 || lens[b] > max_len) return -1;
+    long lpad = (max_len + 15) / 16 * 16;
+    int failed = 0;
+#pragma omp parallel num_threads(threads) reduction(| : failed)
+    {
+        float *s = aligned_alloc(64, (size_t)(H * lpad) * sizeof(float));
+        if (!s) failed = 1; /* every thread still takes its share of the loop below */
+#pragma omp for schedule(static)
+        for (long b = 0; b < B; b++)
+            if (s) one_row(q + b * H * D, K + (slot0 + b) * slot_stride, V + (slot0 + b) * slot_stride, lens[b], H, D,
+                           scale, s, lpad, out + b * H * D);
+        free(s);
+    }
+    return failed ? -1 : 0;
+}
