@@ -2,6 +2,9 @@
 FROM python:3.11-slim
 ENV PIP_NO_CACHE_DIR=1 PYTHONUNBUFFERED=1
 WORKDIR /app
+# a C compiler: the engine builds its AVX-512 CPU kernels on first start (under a second;
+# without one it logs why and runs its linears on oneDNN, attention on SDPA)
+RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev && rm -rf /var/lib/apt/lists/*
 COPY pyproject.toml README.md alembic.ini ./
 COPY src ./src
 # torch==2.13.0 is pinned in pyproject.toml; add the gpu extra ('.[gpu]') on a CUDA base

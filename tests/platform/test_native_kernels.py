@@ -125,3 +125,22 @@ def test_decode_attention_refuses_bad_calls():
         kernels.decode_attention(q.bfloat16(), k_cache, k_cache, 0, lens)
     with pytest.raises(ValueError, match="bad native attention call"):
         kernels.decode_attention(torch.zeros(2, 2, 8), torch.zeros(4, 10, 2, 8), torch.zeros(4, 10, 2, 8), 0, lens)
+
+
+def test_a_shared_fallback_cache_dir_is_never_trusted(tmp_path, monkeypatch):
+    """With no usable ~/.cache the build goes to the temp dir, but only into a directory
+    this user owns that nobody else can write: a library planted there is not loaded."""
+    import os
+    import tempfile
+
+    from promptfleet.platform.native_kernels import _cache_dir
+
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(blocker))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    private = _cache_dir()
+    assert private == tmp_path / f"promptfleet-kernels-{os.getuid()}" and private.stat().st_mode & 0o777 == 0o700
+    private.chmod(0o777)
+    with pytest.raises(KernelUnavailable, match="not a private directory"):
+        _cache_dir()

@@ -22,6 +22,7 @@ import math
 import os
 import platform
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
@@ -68,6 +69,10 @@ def _cache_dir() -> Path:
         pass
     fallback = Path(tempfile.gettempdir()) / f"promptfleet-kernels-{os.getuid()}"
     fallback.mkdir(mode=0o700, exist_ok=True)
+    st = fallback.lstat()
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o022:
+        # a shared temp dir: a library someone else could have put there is never loaded
+        raise KernelUnavailable(f"{fallback} is not a private directory of this user")
     return fallback
 
 
