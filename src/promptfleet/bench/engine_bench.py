@@ -5,7 +5,10 @@ Measured side by side in one run on one machine, GPT-2-small shape, random weigh
   (b) the same N requests all on one adapter
   (c) transformers + PEFT ``PeftModel.generate``, one request at a time, switching adapters
   (d) this machine's measured matmul peak for the dtype
-and reports tokens/s, ratios, and decode model-FLOPs utilisation.
+and reports tokens/s, ratios, and decode model-FLOPs utilisation. ``--compare-kernels
+onednn,sdpa`` also runs (a) on a second engine with those linear kernels and attention,
+alternating with the first, and reports its decode step: a kernel change measured side
+by side (this machine's speed drifts by a third between minutes).
 
     python -m promptfleet.bench.engine_bench [--requests 32] [--new-tokens 64]
 """
@@ -54,6 +57,15 @@ async def run_engine(engine: Engine, prompts: list[list[int]], adapters: list[st
     wall = time.perf_counter() - t0
     assert all(o.completion_tokens == new_tokens for o in outs)
     return wall
+
+
+def run_a(engine: Engine, prompts: list[list[int]], adapters: list[str], new_tokens: int,
+          walls: list[float], decode: list[tuple[float, int]]) -> None:
+    """One run of (a): its wall time, and the seconds and row tokens of its decode-only steps."""
+    s0 = engine.stats()
+    walls.append(asyncio.run(run_engine(engine, prompts, adapters, new_tokens)))
+    s1 = engine.stats()
+    decode.append((s1.decode_seconds - s0.decode_seconds, s1.decode_row_tokens - s0.decode_row_tokens))
 
 
 def load_peft(checkpoint: Path, adapter_dirs: list[Path]) -> PeftModel:
@@ -110,6 +122,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--linear-kernels", default="auto", choices=["auto", "avx512", "onednn", "torch"])
     ap.add_argument("--rounds", type=int, default=2, help="alternating rounds of (a) and (b); best of each")
     ap.add_argument("--skip-baseline", action="store_true", help="skip (c) and (c2), the sequential loops")
+    ap.add_argument("--compare-kernels", metavar="LINEARS,ATTENTION",
+                    help="also time (a) on a second engine with these kernels, e.g. onednn,sdpa")
     ap.add_argument("--peft-requests", type=int, default=4,
                     help="requests timed for (c), whose uncached generate is slow (a rate, so a subset is fair)")
     args = ap.parse_args(argv)
@@ -119,26 +133,33 @@ def main(argv: list[str] | None = None) -> None:
     n, new = args.requests, args.new_tokens
     gen = torch.Generator().manual_seed(0)
     prompts = [torch.randint(0, 50000, (args.prompt_tokens,), generator=gen).tolist() for _ in range(n)]
-    engine = Engine.from_pretrained(ckpt, EngineConfig(device=args.device, dtype=args.dtype, max_batch_size=max(64, n),
-                                                       attention=args.attention, linear_kernels=args.linear_kernels,
-                                                       repetition=RepetitionConfig(enabled=False)))
+
+    def make_engine(linear_kernels: str, attention: str) -> Engine:
+        return Engine.from_pretrained(ckpt, EngineConfig(
+            device=args.device, dtype=args.dtype, max_batch_size=max(64, n), attention=attention,
+            linear_kernels=linear_kernels, repetition=RepetitionConfig(enabled=False)))
+
+    engine = make_engine(args.linear_kernels, args.attention)
+    other = make_engine(*args.compare_kernels.split(",", 1)) if args.compare_kernels else None
     with tempfile.TemporaryDirectory() as tmp:
         dirs = make_adapters(ckpt, Path(tmp) / "adapters", n, args.virtual_tokens, seed=1)
-        for i, d in enumerate(dirs):
-            engine.add_adapter(f"a{i}", load_adapter_dir(d))
         names = [f"a{i}" for i in range(n)]
-        asyncio.run(run_engine(engine, prompts[:4], names[:4], 4))  # warm-up
+        for e in (engine, other) if other else (engine,):
+            for name, d in zip(names, dirs):
+                e.add_adapter(name, load_adapter_dir(d))
+            asyncio.run(run_engine(e, prompts[:4], names[:4], 4))  # warm-up
         # alternate (a) and (b) for --rounds rounds and keep each one's best: the machine is shared
-        walls_a, walls_b, decode = [], [], []
+        walls_a, walls_b, decode, walls_o, decode_o = [], [], [], [], []
         for _ in range(args.rounds):
-            s0 = engine.stats()
-            walls_a.append(asyncio.run(run_engine(engine, prompts, names, new)))
-            s1 = engine.stats()
-            decode.append((s1.decode_seconds - s0.decode_seconds, s1.decode_row_tokens - s0.decode_row_tokens))
+            run_a(engine, prompts, names, new, walls_a, decode)
             walls_b.append(asyncio.run(run_engine(engine, prompts, ["a0"] * n, new)))
+            if other:
+                run_a(other, prompts, names, new, walls_o, decode_o)
         wall_a, wall_b = min(walls_a), min(walls_b)
         decode_s, decode_tokens = min(decode)
         engine.stop()
+        if other:
+            other.stop()
         wall_c = wall_c2 = None
         if not args.skip_baseline:
             peft_model = load_peft(ckpt, dirs)
@@ -171,6 +192,11 @@ def main(argv: list[str] | None = None) -> None:
         "decode_gflops": round(decode_flops / 1e9, 1),
         "decode_mfu": round(decode_flops / peak, 3),
         "decode_step_ms_at_batch": round(1000 * decode_s / max(1, decode_tokens) * n, 1),
+        **({} if not other else {
+            "compare_kernels": f"{other.model.linear_kernels},{other.attention_backend}",
+            "compare_a_tok_s": round(tok / min(walls_o), 1),
+            "compare_decode_step_ms": round(1000 * min(decode_o)[0] / max(1, min(decode_o)[1]) * n, 1),
+        }),
         "rounds": args.rounds, "loadavg_1m": round(__import__("os").getloadavg()[0], 2),
     }
     emit(result)
