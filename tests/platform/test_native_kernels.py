@@ -144,3 +144,26 @@ def test_a_shared_fallback_cache_dir_is_never_trusted(tmp_path, monkeypatch):
     private.chmod(0o777)
     with pytest.raises(KernelUnavailable, match="not a private directory"):
         _cache_dir()
+
+
+@needs_kernel
+@pytest.mark.parametrize("cols", [1, 15, 16, 17, 50257])
+def test_argmax_is_torchs(cols):
+    """First index of the maximum (ties), of the first NaN, -inf rows, row tails."""
+    gen = torch.Generator().manual_seed(cols)
+    x = torch.randn(9, cols, generator=gen)
+    x[1] = x[1].round()            # many ties
+    x[2, cols // 2:] = float("nan")  # NaN wins, the first one
+    x[3] = float("-inf")           # all -inf: index 0
+    x[4, -1] = 1e30                # the maximum in the tail
+    x[5] = 7.0                     # all equal
+    assert native_kernels().argmax(x) == x.argmax(-1).tolist()
+    strided = x[::2, 1:] if cols > 1 else x[::2]  # not contiguous: copied first
+    assert native_kernels().argmax(strided) == strided.argmax(-1).tolist()
+
+
+@needs_kernel
+def test_argmax_refuses_other_tensors():
+    for bad in (torch.zeros(3), torch.zeros(2, 0), torch.zeros(2, 4, dtype=torch.float64)):
+        with pytest.raises(ValueError, match="bad native argmax call"):
+            native_kernels().argmax(bad)

@@ -1,5 +1,5 @@
-"""The engine's AVX-512 fp32 CPU kernels (``csrc/*.c``): the linears' GEMM and decode
-attention. Compiled once per machine into one shared library, called through ctypes
+"""The engine's AVX-512 fp32 CPU kernels (``csrc/*.c``): the linears' GEMM, decode
+attention and greedy argmax. Compiled once per machine into one shared library, called through ctypes
 (which releases the GIL for the call).
 
 Built with the machine's C compiler on first use into ``$XDG_CACHE_HOME/promptfleet/
@@ -33,7 +33,8 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCES = tuple(Path(__file__).parent / "csrc" / name for name in ("gemm_avx512.c", "decode_attention_avx512.c"))
+SOURCES = tuple(Path(__file__).parent / "csrc" / name
+                for name in ("gemm_avx512.c", "decode_attention_avx512.c", "argmax_avx512.c"))
 FLAGS = ("-O3", "-mavx512f", "-mfma", "-fopenmp", "-shared", "-fPIC", "-std=gnu11")
 
 
@@ -166,6 +167,17 @@ class NativeKernels:
         return out
 
 
+    def argmax(self, x: torch.Tensor) -> list[int]:
+        """``x.argmax(-1).tolist()`` for a 2-D fp32 CPU tensor (first index of the max; of
+        the first NaN where there is one)."""
+        if x.dim() != 2 or x.dtype != torch.float32 or x.device.type != "cpu" or x.shape[1] == 0:
+            raise ValueError(f"bad native argmax call: {tuple(x.shape)} {x.dtype} on {x.device}")
+        x = x.contiguous()
+        out = torch.empty(x.shape[0], dtype=torch.long)
+        self.lib.pf_argmax_rows(x.data_ptr(), x.shape[0], x.shape[1], out.data_ptr(), torch.get_num_threads())
+        return out.tolist()
+
+
 def load(path: Path) -> NativeKernels:
     lib = ctypes.CDLL(str(path))
     ptr, long_ = ctypes.c_void_p, ctypes.c_long
@@ -177,6 +189,8 @@ def load(path: Path) -> NativeKernels:
     lib.pf_decode_attention.argtypes = [ptr, ptr, ptr, long_, long_, ptr, long_, long_, long_, long_,
                                         ctypes.c_float, ptr, ctypes.c_int]
     lib.pf_decode_attention.restype = ctypes.c_int
+    lib.pf_argmax_rows.argtypes = [ptr, long_, long_, ptr, ctypes.c_int]
+    lib.pf_argmax_rows.restype = None
     _loaded_libgomp()  # still exactly one OpenMP runtime: ours is torch's
     return NativeKernels(lib=lib, path=path, panel_width=lib.pf_panel_width(), row_block=lib.pf_row_block())
 

@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from promptfleet.platform.native_kernels import native_kernels, unavailable_reason
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -145,6 +147,14 @@ def draw(probs: torch.Tensor, generators: list[torch.Generator]) -> list[int]:
     return (b * DRAW_BLOCK + j).flatten().tolist()
 
 
+def greedy_tokens(logits: torch.Tensor) -> list[int]:
+    """``logits.argmax(-1)`` as a list; on the AVX-512 kernel for fp32 CPU logits, where
+    it runs (torch's CPU argmax takes ~2 ms over 32 x 50257 logits)."""
+    if logits.dtype == torch.float32 and logits.device.type == "cpu" and unavailable_reason() is None:
+        return native_kernels().argmax(logits)
+    return logits.argmax(dim=-1).tolist()
+
+
 def sample(logits: torch.Tensor, rows: list[SamplerRow], default_generator: torch.Generator) -> list[int]:
     """One token for each row of ``logits`` ``[B, V]`` (float32); ``logits`` is not modified."""
     if any(row.params.repetition_penalty != 1.0 for row in rows):
@@ -153,7 +163,7 @@ def sample(logits: torch.Tensor, rows: list[SamplerRow], default_generator: torc
             if row.params.repetition_penalty != 1.0:
                 logits[i] = apply_repetition_penalty(logits[i], row.history, row.params.repetition_penalty)
     sampled = [i for i, row in enumerate(rows) if not row.params.greedy]
-    out = logits.argmax(dim=-1).tolist() if len(sampled) < len(rows) else [0] * len(rows)
+    out = greedy_tokens(logits) if len(sampled) < len(rows) else [0] * len(rows)
     if not sampled:
         return out
     params = [rows[i].params for i in sampled]
