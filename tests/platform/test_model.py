@@ -87,7 +87,7 @@ def test_auto_kernels_pick_the_fastest_that_runs_and_refuse_unknown_names(tiny_c
     assert load_gpt2(tiny_checkpoint).linear_kernels == expected
     bf16 = "torch" if NO_ONEDNN else "onednn"  # the native kernel is fp32 only
     assert load_gpt2(tiny_checkpoint, dtype=torch.bfloat16).linear_kernels == bf16
-    with pytest.raises(ValueError, match="avx512 linear kernel cannot run here: it runs float32 on CPU"):
+    with pytest.raises(ValueError, match="avx512 linear kernel cannot run here: they run float32 on CPU"):
         resolve_kernels("avx512", torch.device("cpu"), torch.bfloat16)
     assert resolve_kernels("auto", torch.device("cuda"), torch.float16) == "torch"
     with pytest.raises(ValueError, match="oneDNN linears need a CPU"):

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from promptfleet.platform.adapter import AdapterPrefix
 from promptfleet.platform.config import ModelConfig
-from promptfleet.platform.native_kernels import KernelUnavailable, NativeKernels, native_kernels
+from promptfleet.platform.native_kernels import NativeKernels, native_kernels, unavailable_for
 
 ATTENTION = ("auto", "sdpa", "flash", "avx512")
 
@@ -55,14 +55,7 @@ def resolve_attention(name: str, device: torch.device, dtype: torch.dtype, head_
             raise ValueError("flash attention needs the flash-attn package (pip install 'promptfleet[gpu]', CUDA)")
         return "flash"
     if name in ("auto", "avx512"):
-        reason = None
-        if device.type != "cpu" or dtype != torch.float32 or head_dim % 16:
-            reason = f"it runs float32 on CPU with head_dim a multiple of 16 (got {device.type}, {dtype}, {head_dim})"
-        else:
-            try:
-                native_kernels()
-            except KernelUnavailable as exc:
-                reason = str(exc)
+        reason = f"head_dim {head_dim} is not a multiple of 16" if head_dim % 16 else unavailable_for(device, dtype)
         if reason is None:
             return "avx512"
         if name == "avx512":

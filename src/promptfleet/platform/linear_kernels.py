@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from promptfleet.platform.model import GPT2, activation_fn
-from promptfleet.platform.native_kernels import KernelUnavailable, NativeKernels, native_kernels
+from promptfleet.platform.native_kernels import NativeKernels, native_kernels, unavailable_for
 
 log = logging.getLogger(__name__)
 
@@ -70,14 +70,7 @@ def resolve_kernels(kernels: str, device: torch.device, dtype: torch.dtype) -> s
     if kernels not in KERNELS:
         raise ValueError(f"unknown linear kernels {kernels!r}; use one of {', '.join(KERNELS)}")
     if kernels in ("auto", "avx512"):
-        reason = None
-        if device.type != "cpu" or dtype != torch.float32:
-            reason = f"it runs float32 on CPU (got {device.type}, {dtype})"
-        else:
-            try:
-                native_kernels()
-            except KernelUnavailable as exc:
-                reason = str(exc)
+        reason = unavailable_for(device, dtype)
         if reason is None:
             return "avx512"
         if kernels == "avx512":

@@ -216,3 +216,10 @@ def unavailable_reason() -> str | None:
     """``None`` when the kernel runs here, else why not."""
     outcome = _native_kernels_or_reason()
     return str(outcome) if isinstance(outcome, KernelUnavailable) else None
+
+
+def unavailable_for(device: torch.device, dtype: torch.dtype) -> str | None:
+    """``None`` when the kernels run on tensors of this device and dtype, else why not."""
+    if device.type != "cpu" or dtype != torch.float32:
+        return f"they run float32 on CPU (got {device.type}, {dtype})"
+    return unavailable_reason()
