@@ -167,3 +167,20 @@ def test_argmax_refuses_other_tensors():
     for bad in (torch.zeros(3), torch.zeros(2, 0), torch.zeros(2, 4, dtype=torch.float64)):
         with pytest.raises(ValueError, match="bad native argmax call"):
             native_kernels().argmax(bad)
+
+
+@needs_kernel
+def test_packed_weights_share_one_huge_page_arena_in_forward_order(tiny_checkpoint):
+    from promptfleet.platform.native_kernels import HUGE_PAGE, huge_page_empty
+    from promptfleet.platform.weights import load_gpt2
+
+    arena = huge_page_empty(1000)
+    assert arena.data_ptr() % HUGE_PAGE == 0 and arena.numel() == 1000
+    arena.fill_(1.0)  # writable to its end
+    model = load_gpt2(tiny_checkpoint, linear_kernels="avx512")
+    packed = [lin.packed_weight for b in model.blocks for lin in (b.c_attn, b.attn_proj, b.c_fc, b.mlp_proj)]
+    packed.append(model.lm_head.packed_weight)
+    assert len({p.untyped_storage().data_ptr() for p in packed}) == 1
+    starts = [p.data_ptr() for p in packed]
+    assert starts[0] % HUGE_PAGE == 0
+    assert all(a + 4 * p.numel() == b for a, p, b in zip(starts, packed, starts[1:]))  # back to back

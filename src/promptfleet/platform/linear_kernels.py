@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from promptfleet.platform.model import GPT2, activation_fn
-from promptfleet.platform.native_kernels import NativeKernels, native_kernels, unavailable_for
+from promptfleet.platform.native_kernels import NativeKernels, huge_page_empty, native_kernels, unavailable_for
 
 log = logging.getLogger(__name__)
 
@@ -142,7 +142,8 @@ class NativeLinear(nn.Module):
     padded to the kernel's row block (8); the activation runs after the GEMM (an
     elementwise pass over ``[rows, out]``: small next to reading the weight)."""
 
-    def __init__(self, linear: nn.Linear | torch.Tensor, gemm: NativeKernels, *, activation: str | None = None) -> None:
+    def __init__(self, linear: nn.Linear | torch.Tensor, gemm: NativeKernels, *, activation: str | None = None,
+                 out: torch.Tensor | None = None) -> None:
         super().__init__()
         weight = linear.weight if isinstance(linear, nn.Linear) else linear
         bias = linear.bias if isinstance(linear, nn.Linear) else None
@@ -150,7 +151,7 @@ class NativeLinear(nn.Module):
         self.gemm, self.activation = gemm, activation
         self.act = activation_fn(activation) if activation else None
         with torch.no_grad():
-            self.packed_weight = gemm.pack(weight)
+            self.packed_weight = gemm.pack(weight, out)
         self.bias = None if bias is None else bias.detach().contiguous().clone()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -179,9 +180,13 @@ def pack_linears(model: GPT2, kernels: str = "auto") -> str:
     act = model.config.activation_function
     if chosen == "avx512":
         gemm = native_kernels()
+        # every packed weight in one huge-page arena, in the order a forward reads them
+        shapes = [lin.weight.shape for b in model.blocks for lin in (b.c_attn, b.attn_proj, b.c_fc, b.mlp_proj)]
+        sizes = [gemm.packed_numel(*shape) for shape in [*shapes, weight.shape]]
+        slices = iter(huge_page_empty(sum(sizes)).split(sizes))
 
         def wrap(linear: nn.Linear | torch.Tensor, activation: str | None = None) -> nn.Module:
-            return NativeLinear(linear, gemm, activation=activation)
+            return NativeLinear(linear, gemm, activation=activation, out=next(slices))
     else:
         def wrap(linear: nn.Linear | torch.Tensor, activation: str | None = None) -> nn.Module:
             return PackedLinear(linear, activation=activation)

@@ -122,16 +122,23 @@ class NativeKernels:
     panel_width: int  # NR: columns per packed panel
     row_block: int    # MR: ``linear`` takes a multiple of this many rows
 
-    def pack(self, weight: torch.Tensor) -> torch.Tensor:
-        """``[N, K]`` fp32 weight -> the kernel's panel layout (a flat fp32 tensor)."""
+    def packed_numel(self, out_features: int, in_features: int) -> int:
+        return -(-out_features // self.panel_width) * self.panel_width * in_features
+
+    def pack(self, weight: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """``[N, K]`` fp32 weight -> the kernel's panel layout: a flat fp32 tensor, ``out``
+        when given (``packed_numel`` elements, e.g. a slice of one arena for all weights)."""
         if weight.dtype != torch.float32 or weight.device.type != "cpu" or weight.dim() != 2:
             raise ValueError(f"native GEMM packs 2-D float32 CPU weights (got {weight.dtype}, {weight.device})")
         weight = weight.detach().contiguous()
         n, k = weight.shape
-        nr = self.panel_width
-        packed = torch.empty(-(-n // nr) * nr * k, dtype=torch.float32)
-        self.lib.pf_pack(weight.data_ptr(), n, k, packed.data_ptr())
-        return packed
+        numel = self.packed_numel(n, k)
+        if out is None:
+            out = torch.empty(numel, dtype=torch.float32)
+        elif out.shape != (numel,) or out.dtype != torch.float32 or not out.is_contiguous():
+            raise ValueError(f"pack needs a contiguous float32 buffer of {numel} elements")
+        self.lib.pf_pack(weight.data_ptr(), n, k, out.data_ptr())
+        return out
 
     def linear(self, x: torch.Tensor, packed: torch.Tensor, out_features: int,
                bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -176,6 +183,28 @@ class NativeKernels:
         out = torch.empty(x.shape[0], dtype=torch.long)
         self.lib.pf_argmax_rows(x.data_ptr(), x.shape[0], x.shape[1], out.data_ptr(), torch.get_num_threads())
         return out.tolist()
+
+
+HUGE_PAGE = 2 << 20
+MADV_HUGEPAGE = 14  # Linux
+
+
+def huge_page_empty(numel: int) -> torch.Tensor:
+    """An uninitialised float32 tensor on 2 MB-aligned memory advised for transparent huge
+    pages before anything touches it. The packed weights are streamed from DRAM every
+    decode step; on 4 KB pages that is 122k TLB misses a step for GPT-2-small, and huge
+    pages made a whole model's linears 3-5% faster, side by side. Where THP is off or
+    ``madvise`` fails, plain pages: same numbers, a little slower."""
+    span = -(-numel * 4 // HUGE_PAGE) * HUGE_PAGE
+    buf = torch.empty((span + HUGE_PAGE) // 4, dtype=torch.float32)  # untouched: no page is resident yet
+    start = -(-buf.data_ptr() // HUGE_PAGE) * HUGE_PAGE
+    if sys.platform == "linux":
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        if libc.madvise(start, span, MADV_HUGEPAGE) != 0:
+            log.debug("madvise(MADV_HUGEPAGE) failed: errno %d", ctypes.get_errno())
+    offset = (start - buf.data_ptr()) // 4
+    return buf[offset: offset + numel]  # a view: keeps buf's storage alive
 
 
 def load(path: Path) -> NativeKernels:
