@@ -184,3 +184,21 @@ def test_packed_weights_share_one_huge_page_arena_in_forward_order(tiny_checkpoi
     starts = [p.data_ptr() for p in packed]
     assert starts[0] % HUGE_PAGE == 0
     assert all(a + 4 * p.numel() == b for a, p, b in zip(starts, packed, starts[1:]))  # back to back
+
+
+@needs_kernel
+def test_decode_attention_stores_the_steps_token_before_reading_it():
+    kernels = native_kernels()
+    gen = torch.Generator().manual_seed(5)
+    k_cache, v_cache = torch.randn(3, 40, 4, 16, generator=gen), torch.randn(3, 40, 4, 16, generator=gen)
+    q, k_new, v_new = (torch.randn(2, 4, 16, generator=gen) for _ in range(3))
+    lens = torch.tensor([7, 40], dtype=torch.int32)
+    want_k, want_v = k_cache.clone(), v_cache.clone()
+    for b, n in enumerate(lens.tolist()):
+        want_k[1 + b, n - 1], want_v[1 + b, n - 1] = k_new[b], v_new[b]
+    want = kernels.decode_attention(q, want_k, want_v, 1, lens)  # the token already in place
+    got = kernels.decode_attention(q, k_cache, v_cache, 1, lens, k_new=k_new, v_new=v_new)
+    assert torch.equal(k_cache, want_k) and torch.equal(v_cache, want_v)  # stored, nothing else touched
+    assert torch.equal(got, want)
+    with pytest.raises(ValueError, match="bad native attention call"):
+        kernels.decode_attention(q, k_cache, v_cache, 1, lens, k_new=k_new)  # one without the other

@@ -120,10 +120,11 @@ class SlotBatch:
         dev = cache.k[0].device
         self.start_t = torch.tensor(start, dtype=torch.long, device=dev)
         self.rows = torch.arange(slot0, slot0 + self.B, device=dev)
-        # a decode group on the native kernel: row b attends to its first start[b] + 1 keys
+        # a decode group on the native kernel: row b stores its token at start[b] and
+        # attends to its first start[b] + 1 keys (it reads nothing past them: no mask, no zeroing)
         self.native_lens = (torch.tensor(start, dtype=torch.int32) + 1
                             if cache.decode_kernels is not None and T == 1 else None)
-        if cache.backend == "flash":
+        if cache.backend == "flash" or self.native_lens is not None:
             return
         steps = torch.arange(T, device=dev)
         pos = self.start_t[:, None] + steps[None, :]
@@ -145,15 +146,16 @@ class SlotBatch:
         if c.backend == "flash":
             return self._flash(layer, q, k, v)
         kc, vc = c.k[layer], c.v[layer]
+        if self.native_lens is not None:
+            heads, dim = q.shape[2], q.shape[3]
+            q, k, v = (t.reshape(self.B, heads, dim) for t in (q, k, v))
+            out = c.decode_kernels.decode_attention(q, kc, vc, self.slot0, self.native_lens, k_new=k, v_new=v)
+            return out.reshape(self.B, 1, heads, dim)
         # one index_copy_ of B*T token rows into the flat [slots*positions, H*D] view
         # (much cheaper than advanced-index assignment)
         n, width = k.shape[0] * k.shape[1], k.shape[2] * k.shape[3]
         kc.view(-1, width).index_copy_(0, self.flat_index, k.reshape(n, width))
         vc.view(-1, width).index_copy_(0, self.flat_index, v.reshape(n, width))
-        if self.native_lens is not None:
-            out = c.decode_kernels.decode_attention(q.reshape(self.B, q.shape[2], q.shape[3]), kc, vc, self.slot0,
-                                                    self.native_lens)
-            return out.reshape(q.shape)
         s0, s1 = self.slot0, self.slot0 + self.B
         keys, values = kc[s0:s1, : self.tk].transpose(1, 2), vc[s0:s1, : self.tk].transpose(1, 2)
         q = q.transpose(1, 2)

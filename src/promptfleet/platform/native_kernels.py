@@ -153,21 +153,27 @@ class NativeKernels:
         return out
 
     def decode_attention(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot0: int,
-                         lens: torch.Tensor) -> torch.Tensor:
+                         lens: torch.Tensor, k_new: torch.Tensor | None = None,
+                         v_new: torch.Tensor | None = None) -> torch.Tensor:
         """Softmax attention of ``q`` ``[B, H, D]`` over the first ``lens[b]`` positions of
         cache slot ``slot0 + b`` (caches ``[slots, positions, H, D]``, fp32, contiguous);
-        returns ``[B, H, D]``."""
+        returns ``[B, H, D]``. ``k_new``/``v_new`` (``[B, H, D]``), when given, are stored
+        at position ``lens[b] - 1`` first: this step's token."""
         b, h, d = q.shape
         slots, positions = k_cache.shape[:2]
+        new = [t for t in (k_new, v_new) if t is not None]
         if (q.dtype != torch.float32 or k_cache.dtype != torch.float32 or k_cache.shape != v_cache.shape
                 or k_cache.shape[2:] != (h, d) or d % 16 or not (k_cache.is_contiguous() and v_cache.is_contiguous())
-                or lens.dtype != torch.int32 or lens.shape != (b,) or not 0 <= slot0 <= slots - b):
+                or lens.dtype != torch.int32 or lens.shape != (b,) or not 0 <= slot0 <= slots - b
+                or len(new) == 1 or any(t.shape != q.shape or t.dtype != torch.float32 for t in new)):
             raise ValueError(f"bad native attention call: q {tuple(q.shape)} {q.dtype}, cache {tuple(k_cache.shape)}")
         q = q.contiguous()
+        k_new, v_new = (t.contiguous() for t in new) if new else (None, None)
         out = torch.empty_like(q)
         rc = self.lib.pf_decode_attention(q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), positions * h * d,
-                                          slot0, lens.data_ptr(), b, h, d, positions, 1.0 / math.sqrt(d),
-                                          out.data_ptr(), torch.get_num_threads())
+                                          slot0, lens.data_ptr(), None if k_new is None else k_new.data_ptr(),
+                                          None if v_new is None else v_new.data_ptr(), b, h, d, positions,
+                                          1.0 / math.sqrt(d), out.data_ptr(), torch.get_num_threads())
         if rc != 0:
             raise ValueError(f"native attention refused lengths {lens.tolist()} (cache holds {positions}) "
                              "or could not get scratch memory")
@@ -215,7 +221,7 @@ def load(path: Path) -> NativeKernels:
     lib.pf_pack.argtypes = [ptr, long_, long_, ptr]
     lib.pf_pack.restype = None
     lib.pf_panel_width.restype = lib.pf_row_block.restype = ctypes.c_int
-    lib.pf_decode_attention.argtypes = [ptr, ptr, ptr, long_, long_, ptr, long_, long_, long_, long_,
+    lib.pf_decode_attention.argtypes = [ptr, ptr, ptr, long_, long_, ptr, ptr, ptr, long_, long_, long_, long_,
                                         ctypes.c_float, ptr, ctypes.c_int]
     lib.pf_decode_attention.restype = ctypes.c_int
     lib.pf_argmax_rows.argtypes = [ptr, long_, long_, ptr, ctypes.c_int]

@@ -8,12 +8,15 @@
  * a vectorised softmax, then one pass over V.
  *
  * q and out: [B][H][D]; K, V: [slots][positions][H][D] (slot stride `slot_stride` floats);
- * row b uses slot `slot0 + b` and attends to its first lens[b] (>= 1) positions.
+ * row b uses slot `slot0 + b` and attends to its first lens[b] (>= 1) positions. When
+ * k_new/v_new ([B][H][D]) are given, row b's are first written at position lens[b] - 1
+ * (the decode step's own token), by the thread that then reads them.
  * D must be a multiple of 16. */
 #include <immintrin.h>
 #include <math.h>
 #include <omp.h>
 #include <stdlib.h>
+#include <string.h>
 
 /* exp(x) for x <= 0 region and beyond: Cephes expf's range reduction and polynomial
  * (relative error ~2e-7), 2^n applied with scalef. */
@@ -87,8 +90,9 @@ static void one_row(const float *q, const float *K, const float *V, long len, lo
 }
 
 /* Returns 0, or -1 when a row's length is out of range or scratch memory is short. */
-int pf_decode_attention(const float *q, const float *K, const float *V, long slot_stride, long slot0,
-                        const int *lens, long B, long H, long D, long max_len, float scale, float *out, int threads) {
+int pf_decode_attention(const float *q, float *K, float *V, long slot_stride, long slot0, const int *lens,
+                        const float *k_new, const float *v_new, long B, long H, long D, long max_len, float scale,
+                        float *out, int threads) {
     if (D % 16) return -1;
     for (long b = 0; b < B; b++)
         if (lens[b] < 1 || lens[b] > max_len) return -1;
@@ -99,9 +103,14 @@ int pf_decode_attention(const float *q, const float *K, const float *V, long slo
         float *s = aligned_alloc(64, (size_t)(H * lpad) * sizeof(float));
         if (!s) failed = 1; /* every thread still takes its share of the loop below */
 #pragma omp for schedule(static)
-        for (long b = 0; b < B; b++)
-            if (s) one_row(q + b * H * D, K + (slot0 + b) * slot_stride, V + (slot0 + b) * slot_stride, lens[b], H, D,
-                           scale, s, lpad, out + b * H * D);
+        for (long b = 0; b < B; b++) {
+            float *Kb = K + (slot0 + b) * slot_stride, *Vb = V + (slot0 + b) * slot_stride;
+            if (k_new && v_new) {
+                memcpy(Kb + (lens[b] - 1) * H * D, k_new + b * H * D, (size_t)(H * D) * sizeof(float));
+                memcpy(Vb + (lens[b] - 1) * H * D, v_new + b * H * D, (size_t)(H * D) * sizeof(float));
+            }
+            if (s) one_row(q + b * H * D, Kb, Vb, lens[b], H, D, scale, s, lpad, out + b * H * D);
+        }
         free(s);
     }
     return failed ? -1 : 0;
