@@ -115,7 +115,8 @@ def build_library(*, compiler: str | None = None, cache_dir: Path | None = None)
 @dataclass(frozen=True)
 class NativeKernels:
     """Handle on the loaded library: ``pack`` a weight once, then ``linear`` per call;
-    ``decode_attention`` for a batch of one-token queries over the slot cache."""
+    ``decode_attention`` for a batch of one-token queries over the slot cache; ``argmax``
+    of each row (greedy decoding)."""
 
     lib: ctypes.CDLL
     path: Path
@@ -178,7 +179,6 @@ class NativeKernels:
             raise ValueError(f"native attention refused lengths {lens.tolist()} (cache holds {positions}) "
                              "or could not get scratch memory")
         return out
-
 
     def argmax(self, x: torch.Tensor) -> list[int]:
         """``x.argmax(-1).tolist()`` for a 2-D fp32 CPU tensor (first index of the max; of
