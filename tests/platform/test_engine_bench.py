@@ -24,3 +24,6 @@ def test_engine_bench_smoke(capsys, tiny_checkpoint):
     assert result["a_over_c"] == pytest.approx(ratio, rel=0.02)
     assert result["decode_mfu"] == pytest.approx(result["decode_gflops"] / result["d_matmul_peak_gflops"], abs=2e-3)
     assert result["d_matmul_peak_gflops"] == max(result["d_peak_by_kernel_gflops"].values())
+    # the peak is sampled before, between and after the rounds; the highest is reported
+    assert len(result["d_peak_samples_gflops"]) == 3  # 1 round
+    assert result["d_matmul_peak_gflops"] == pytest.approx(max(result["d_peak_samples_gflops"]), abs=0.11)
