@@ -1,11 +1,14 @@
 """Per-tenant storage quota over HTTP, on SQLite and PostgreSQL: uploads past it are
-refused with 403 and store nothing, deleting adapters frees it, datasets count too, and
-one tenant's usage never limits another's."""
+refused with 403 and store nothing, deleting adapters frees it, datasets count too,
+one tenant's usage never limits another's, and concurrent uploads cannot overshoot it."""
 from __future__ import annotations
 
+import threading
+import time
 from pathlib import Path
 
 from promptfleet.adapters.models import AdapterVersion
+from promptfleet.adapters.storage import LocalBlobStorage
 from promptfleet.api.quotas import stored_bytes
 
 
@@ -53,3 +56,34 @@ def test_stored_bytes_counts_live_versions_and_zero_means_no_limit(make_api, pef
         rows = session.query(AdapterVersion).filter_by(tenant_id=tenant_id, deleted_at=None).all()
         assert stored_bytes(session, tenant_id=tenant_id) == sum(r.size_bytes for r in rows) > 0
         assert len(rows) == 2
+
+
+def test_concurrent_uploads_at_the_edge_cannot_both_pass(make_api, db_kind, peft_zips):
+    """Four uploads of one tenant at once with room for one: exactly one is stored. The
+    storage is held open 0.3 s per put so that, without the tenant lock, every request
+    would pass its check before any of them had stored anything."""
+    archive = peft_zips["pt"]
+    probe = make_api(db=db_kind, tenant_max_storage_mb=0)
+    stored = probe.upload(probe.new_tenant("probe")[1], "x", archive).json()["size_bytes"]
+    api = make_api(db=db_kind, tenant_max_storage_mb=(len(archive) + stored / 2) / (1 << 20))
+    tenant_id, alice = api.new_tenant("alice")
+
+    class SlowStorage(LocalBlobStorage):
+        def put(self, data: bytes) -> str:
+            time.sleep(0.3)
+            return super().put(data)
+
+    api.state.storage = SlowStorage(api.settings.blob_dir)
+    codes: list[int] = []
+
+    def upload(i: int) -> None:
+        codes.append(api.upload(alice, f"race{i}", archive).status_code)
+
+    threads = [threading.Thread(target=upload, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(codes) == [201, 403, 403, 403], codes
+    with api.state.session_factory() as session:
+        assert session.query(AdapterVersion).filter_by(tenant_id=tenant_id, deleted_at=None).count() == 1

@@ -25,7 +25,7 @@ from promptfleet.db import utcnow
 from promptfleet.platform.adapter import AdapterError, AdapterWeights, check_fits, parse_adapter_files
 from promptfleet.platform.config import ModelConfig
 from promptfleet.tenants.models import Tenant
-from promptfleet.tenants.service import TenantNotFound
+from promptfleet.tenants.service import TenantNotFound, lock_tenant
 
 log = logging.getLogger(__name__)
 
@@ -84,16 +84,9 @@ def _next_version(session: Session, *, tenant_id: str, name: str) -> int:
     return (top or 0) + 1
 
 
-def _lock_tenant(session: Session, tenant_id: str) -> None:
-    """Serialize version allocation per tenant until the caller commits (PostgreSQL: ``FOR NO
-    KEY UPDATE``, which leaves foreign-key inserts alone; SQLite serializes writers anyway and
-    ignores it). The unique constraint plus a retry covers whatever slips through."""
-    session.execute(select(Tenant.id).where(Tenant.id == tenant_id).with_for_update(key_share=True))
-
-
 def _insert_version(session: Session, *, fields: dict, tenant_id: str, name: str,
                     source_job_id: str | None) -> AdapterVersion:
-    _lock_tenant(session, tenant_id)
+    lock_tenant(session, tenant_id=tenant_id)  # the unique constraint plus a retry covers the rest
     for attempt in range(1, _INSERT_ATTEMPTS + 1):
         version = _next_version(session, tenant_id=tenant_id, name=name)
         row = AdapterVersion(id=uuid.uuid4().hex, tenant_id=tenant_id, name=name, version=version,

@@ -2,8 +2,9 @@
 datasets) may not pass ``tenant_max_storage_mb``. An upload is checked before anything
 is stored, counting the upload at its uploaded size; deleting adapters frees quota.
 
-The check is not a lock: two uploads racing at the edge may both pass (a soft quota,
-off by at most one upload per concurrent request).
+The check locks the tenant (``tenants.service.lock_tenant``) until the request's
+transaction ends, so a tenant's uploads are checked and stored one at a time: two
+uploads racing at the edge cannot both pass (tested on SQLite and PostgreSQL).
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from sqlalchemy.orm import Session
 
 from promptfleet.adapters.models import AdapterVersion
 from promptfleet.api.errors import APIError
+from promptfleet.tenants.service import lock_tenant
 from promptfleet.trainer.models import Dataset
 
 
@@ -24,9 +26,11 @@ def stored_bytes(session: Session, *, tenant_id: str) -> int:
 
 
 def check_storage_quota(session: Session, *, tenant_id: str, adding: int, limit_mb: float) -> None:
-    """403 ``storage_quota_exceeded`` when storing ``adding`` more bytes would pass the quota."""
+    """403 ``storage_quota_exceeded`` when storing ``adding`` more bytes would pass the
+    quota. Holds the tenant's lock from here to the caller's commit or rollback."""
     if limit_mb <= 0:
         return
+    lock_tenant(session, tenant_id=tenant_id)
     limit = int(limit_mb * (1 << 20))
     used = stored_bytes(session, tenant_id=tenant_id)
     if used + adding > limit:

@@ -108,3 +108,20 @@ def list_keys(session: Session, *, tenant_id: str) -> list[ApiKey]:
     """The tenant's keys (active and revoked), oldest first; only display prefixes are known."""
     return list(session.scalars(select(ApiKey).where(ApiKey.tenant_id == tenant_id)
                                 .order_by(ApiKey.created_at, ApiKey.id)))
+
+
+def lock_tenant(session: Session, *, tenant_id: str) -> bool:
+    """Serialise one tenant's writes until the caller's transaction ends (commit or
+    rollback): quota and job-limit checks, version numbering. Returns whether the tenant
+    exists.
+
+    PostgreSQL: ``SELECT ... FOR NO KEY UPDATE`` on the tenant row, which leaves inserts
+    referencing it alone. SQLite ignores ``FOR UPDATE``, and its Python driver only opens a
+    transaction at the first write, so a no-op ``UPDATE`` of the row takes the database's
+    write lock now (waiting up to the busy timeout) and later reads see the latest commits.
+    """
+    if session.get_bind().dialect.name == "sqlite":
+        stmt = update(Tenant).where(Tenant.id == tenant_id).values(id=Tenant.id)
+        return session.execute(stmt.execution_options(synchronize_session=False)).rowcount > 0
+    stmt = select(Tenant.id).where(Tenant.id == tenant_id).with_for_update(key_share=True)
+    return session.execute(stmt).first() is not None

@@ -21,6 +21,7 @@ from sqlalchemy.orm import Session
 from promptfleet.db import utcnow
 from promptfleet.trainer.datasets import DatasetLimits, parse_dataset
 from promptfleet.trainer.models import ACTIVE_STATUSES, Dataset, TrainingJob
+from promptfleet.tenants.service import lock_tenant
 from promptfleet.trainer.schemas import JobRequest
 
 log = logging.getLogger(__name__)
@@ -89,15 +90,6 @@ def list_datasets(session: Session, *, tenant_id: str, limit: int = 100) -> list
 
 # --- jobs -----------------------------------------------------------------------------
 
-def _lock_tenant(session: Session, tenant_id: str) -> None:
-    """Serialise submissions of one tenant (row lock on PostgreSQL; SQLite locks the file)."""
-    from promptfleet.tenants.models import Tenant
-
-    lock = select(Tenant.id).where(Tenant.id == tenant_id).with_for_update(key_share=True)  # FOR NO KEY UPDATE
-    if session.execute(lock).first() is None:
-        raise NotFound(f"tenant {tenant_id!r} not found")
-
-
 def count_active_jobs(session: Session, *, tenant_id: str) -> int:
     stmt = select(func.count()).select_from(TrainingJob).where(
         TrainingJob.tenant_id == tenant_id, TrainingJob.status.in_(ACTIVE_STATUSES))
@@ -111,7 +103,8 @@ def submit_job(session: Session, *, tenant_id: str, request: JobRequest, enqueue
     ``NotFound`` when the dataset is not the tenant's; ``TooManyJobs`` at the limit of
     queued + running jobs; ``EnqueueError`` (job marked failed) when the broker refuses.
     """
-    _lock_tenant(session, tenant_id)
+    if not lock_tenant(session, tenant_id=tenant_id):  # one submission of a tenant at a time
+        raise NotFound(f"tenant {tenant_id!r} not found")
     get_dataset(session, tenant_id=tenant_id, dataset_id=request.dataset_id)
     active = count_active_jobs(session, tenant_id=tenant_id)
     if active >= max_active_jobs:
