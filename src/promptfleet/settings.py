@@ -56,6 +56,9 @@ class Settings(BaseSettings):
     tenant_max_running_jobs: int = 2
     job_heartbeat_s: float = 5.0
     job_stale_after_s: float = 60.0
+    job_resend_after_s: float = Field(
+        default=300.0, description="A job still queued this long after its broker message was sent gets the message "
+                                   "again (a broker that lost it); duplicates are dropped by the claim. 0 = never.")
 
     # --- logging
     log_json: bool = False

@@ -147,7 +147,7 @@ class WorkerProcess:
 
 @pytest.fixture
 def worker_factory(tmp_path: Path, redis_url: str, trainer_settings: Settings):
-    """start(name) -> WorkerProcess against Redis and the test database; all stopped at the end."""
+    """start(name, **env) -> WorkerProcess against Redis and the test database; all stopped at the end."""
     started: list[WorkerProcess] = []
     env = {
         "PROMPTFLEET_DATABASE_URL": trainer_settings.resolved_database_url(),
@@ -160,8 +160,8 @@ def worker_factory(tmp_path: Path, redis_url: str, trainer_settings: Settings):
         "OMP_NUM_THREADS": "1",
     }
 
-    def start(name: str) -> WorkerProcess:
-        worker = WorkerProcess(env, tmp_path / f"{name}.log", f"{name}@test")
+    def start(name: str, **extra_env: str) -> WorkerProcess:
+        worker = WorkerProcess({**env, **extra_env}, tmp_path / f"{name}.log", f"{name}@test")
         started.append(worker)
         return worker
 

@@ -17,7 +17,7 @@ from promptfleet.trainer.models import TrainingJob
 from promptfleet.trainer.schemas import JobRequest
 from promptfleet.trainer.service import (DatasetTooLarge, EnqueueError, JobNotCancellable, NotFound, TooManyJobs,
                                          cancel_job, create_dataset, get_dataset, get_job, list_jobs,
-                                         reap_stale_jobs, submit_job)
+                                         reap_stale_jobs, resend_queued_jobs, submit_job)
 
 LIMITS = DatasetLimits(max_bytes=1 << 20, max_examples=1000, max_example_tokens=64)
 
@@ -206,3 +206,39 @@ def test_models_match_migration(db_url):
     finally:
         engine.dispose()
     assert diff == []
+
+
+def test_a_queued_job_whose_message_was_lost_is_sent_again_once(session_factory, tenants, dataset_a):
+    """A broker that keeps nothing on disk forgets queued messages when it restarts: a job
+    still queued ``older_than_s`` after its last send is sent again, once per interval
+    (the bump is a conditional update), never once claimed, and a broker that refuses
+    now leaves it queued for the next round."""
+    enqueue = Enqueued()
+    req = JobRequest(adapter_name="ad", dataset_id=dataset_a.id)
+    with session_scope(session_factory) as s:
+        job = submit_job(s, tenant_id=tenants[0], request=req, enqueue=enqueue, max_active_jobs=5)
+        running = submit_job(s, tenant_id=tenants[0], request=req, enqueue=enqueue, max_active_jobs=5)
+    assert enqueue == [job.id, running.id]
+    assert _claim(session_factory, running.id)[0] is not None
+    with session_scope(session_factory) as s:
+        assert resend_queued_jobs(s, older_than_s=300, enqueue=enqueue) == []  # just sent
+    with session_scope(session_factory) as s:
+        s.execute(update(TrainingJob).values(enqueued_at=utcnow() - timedelta(seconds=400)))
+
+    def broker_down(job_id: str) -> str:
+        raise ConnectionError("broker unreachable")
+
+    with session_scope(session_factory) as s:
+        assert resend_queued_jobs(s, older_than_s=300, enqueue=broker_down) == []
+        assert s.get(TrainingJob, job.id).status == "queued"
+    with session_scope(session_factory) as s:  # the failed attempt counted as a send: wait again
+        assert resend_queued_jobs(s, older_than_s=300, enqueue=enqueue) == []
+        s.execute(update(TrainingJob).values(enqueued_at=utcnow() - timedelta(seconds=400)))
+    with session_scope(session_factory) as s:
+        assert resend_queued_jobs(s, older_than_s=300, enqueue=enqueue) == [job.id]
+        assert resend_queued_jobs(s, older_than_s=300, enqueue=enqueue) == []  # once per interval
+        assert s.get(TrainingJob, job.id).celery_task_id == f"task-{len(enqueue)}"
+    assert enqueue == [job.id, running.id, job.id]
+    # the duplicate delivery of a message that was only slow is dropped by the claim
+    assert _claim(session_factory, job.id, "w1")[0] is not None
+    assert _claim(session_factory, job.id, "w2") == (None, "running on w1")

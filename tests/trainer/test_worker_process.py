@@ -17,7 +17,7 @@ from promptfleet.adapters.service import list_versions
 from promptfleet.db import session_scope
 from promptfleet.platform.tokenizer import load_tokenizer
 from promptfleet.settings import Settings
-from promptfleet.trainer.celery_app import make_celery, make_enqueue
+from promptfleet.trainer.celery_app import QUEUE, make_celery, make_enqueue
 from promptfleet.trainer.datasets import DatasetLimits
 from promptfleet.trainer.schemas import JobRequest
 from promptfleet.trainer.service import cancel_job, create_dataset, get_job, submit_job
@@ -122,3 +122,20 @@ def test_sigkill_mid_job_then_a_new_worker_finishes_it_exactly_once(api, worker_
     assert done["step"] == done["total_steps"] == 100 and done["error"] is None
     assert api.versions("survivor") == [1]
     assert "reaped training job" in second.log()
+
+
+def test_a_job_whose_broker_message_was_lost_still_runs(api, worker_factory, redis_url, waiter):
+    """This Redis keeps nothing on disk, so a restart loses every queued message. Submit
+    with no worker up, drop the queue in Redis (what the restart does), then start a
+    worker: its reaper finds the job still queued past ``job_resend_after_s`` and sends
+    the message again."""
+    import redis
+
+    job_id = api.submit(adapter_name="resent", max_steps=2)
+    client = redis.Redis.from_url(redis_url)
+    assert client.delete(QUEUE) == 1  # the job's message, gone
+    worker = worker_factory("w1", PROMPTFLEET_JOB_RESEND_AFTER_S="1")
+    done = waiter(lambda: (j := api.job(job_id))["status"] in ("succeeded", "failed", "cancelled") and j,
+                  timeout=120, what="the re-sent job to finish", on_timeout=worker.log)
+    assert done["status"] == "succeeded" and done["attempts"] == 1, (done, worker.log())
+    assert "sent it again" in worker.log()

@@ -22,7 +22,7 @@ from celery import Celery
 
 from promptfleet.settings import Settings
 from promptfleet.trainer.runner import WorkerContext
-from promptfleet.trainer.service import DEFAULT_MAX_ATTEMPTS, reap_stale_jobs
+from promptfleet.trainer.service import DEFAULT_MAX_ATTEMPTS, reap_stale_jobs, resend_queued_jobs
 from promptfleet.trainer.tasks import TASK_NAME, register_tasks
 
 log = logging.getLogger(__name__)
@@ -80,7 +80,8 @@ def make_enqueue(app: Celery) -> Callable[[str], str | None]:
 
 
 class Reaper:
-    """Re-queues (or fails) running jobs whose heartbeat is older than ``job_stale_after_s``."""
+    """Re-queues (or fails) running jobs whose heartbeat is older than ``job_stale_after_s``,
+    and sends again the message of jobs queued longer than ``job_resend_after_s``."""
 
     def __init__(self, ctx: WorkerContext, *, interval_s: float | None = None) -> None:
         self._ctx = ctx
@@ -98,9 +99,14 @@ class Reaper:
             self._thread.join(timeout=10)
 
     def reap_once(self) -> int:
+        settings = self._ctx.settings
         with self._ctx.session_factory() as session:
-            return len(reap_stale_jobs(session, stale_after_s=self._ctx.settings.job_stale_after_s,
-                                       max_attempts=self._ctx.max_attempts, enqueue=self._ctx.enqueue))
+            changed = len(reap_stale_jobs(session, stale_after_s=settings.job_stale_after_s,
+                                          max_attempts=self._ctx.max_attempts, enqueue=self._ctx.enqueue))
+            if settings.job_resend_after_s > 0:
+                changed += len(resend_queued_jobs(session, older_than_s=settings.job_resend_after_s,
+                                                  enqueue=self._ctx.enqueue))
+            return changed
 
     def _run(self) -> None:
         while True:

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from datetime import timedelta
 from typing import Any, Protocol
 
-from sqlalchemy import func, select, update
+from sqlalchemy import func, or_, select, update
 from sqlalchemy.orm import Session
 
 from promptfleet.db import utcnow
@@ -111,7 +111,8 @@ def submit_job(session: Session, *, tenant_id: str, request: JobRequest, enqueue
         raise TooManyJobs(f"tenant has {active} queued or running jobs (limit {max_active_jobs}); "
                           "wait for one to finish or cancel one")
     job = TrainingJob(tenant_id=tenant_id, adapter_name=request.adapter_name, dataset_id=request.dataset_id,
-                      method=request.method, params=request.params(), status="queued", metrics={})
+                      method=request.method, params=request.params(), status="queued", metrics={},
+                      enqueued_at=utcnow())
     session.add(job)
     session.commit()
     try:
@@ -186,7 +187,7 @@ def reap_stale_jobs(session: Session, *, stale_after_s: float, max_attempts: int
                                       "error": f"cancelled (worker lost: {silence})"}
         elif enqueue is not None and job.attempts < max_attempts:
             values = {"status": "queued", "worker": None, "heartbeat_at": None, "progress": 0.0, "step": 0,
-                      "error": f"attempt {job.attempts} interrupted ({silence}); re-queued"}
+                      "enqueued_at": now, "error": f"attempt {job.attempts} interrupted ({silence}); re-queued"}
         else:
             values = {"status": "failed", "finished_at": now,
                       "error": f"worker lost: {silence} (attempt {job.attempts} of {max_attempts}); not retried"}
@@ -211,3 +212,36 @@ def reap_stale_jobs(session: Session, *, stale_after_s: float, max_attempts: int
     for job in changed:
         session.refresh(job)
     return changed
+
+
+def resend_queued_jobs(session: Session, *, older_than_s: float,
+                       enqueue: Callable[[str], str | None]) -> list[str]:
+    """Send the broker message again for jobs still queued ``older_than_s`` after it was
+    last sent: a broker that keeps nothing on disk loses its messages when it restarts,
+    and an accepted job must not stay queued forever. A message that was only slow
+    arrives as a duplicate, which ``claim_job`` drops. Each resend is claimed with a
+    conditional update, so two reapers never both send. Returns the ids sent again; a
+    broker that is down now leaves them queued for the next round."""
+    cutoff = utcnow() - timedelta(seconds=older_than_s)
+    due = session.execute(select(TrainingJob.id, TrainingJob.enqueued_at).where(
+        TrainingJob.status == "queued", or_(TrainingJob.enqueued_at < cutoff, TrainingJob.enqueued_at.is_(None)))).all()
+    sent: list[str] = []
+    for job_id, last in due:
+        last_cond = TrainingJob.enqueued_at.is_(None) if last is None else TrainingJob.enqueued_at == last
+        claimed = session.execute(update(TrainingJob).where(TrainingJob.id == job_id, TrainingJob.status == "queued",
+                                                            last_cond).values(enqueued_at=utcnow())).rowcount
+        session.commit()
+        if not claimed:
+            continue
+        try:
+            task_id = enqueue(job_id)
+        except Exception:
+            log.warning("could not re-send queued job %s; will try again", job_id, exc_info=True)
+            continue
+        log.warning("training job %s was still queued %g s after its message was sent; sent it again",
+                    job_id, older_than_s)
+        sent.append(job_id)
+        if task_id:
+            session.execute(update(TrainingJob).where(TrainingJob.id == job_id).values(celery_task_id=str(task_id)))
+            session.commit()
+    return sent
