@@ -46,6 +46,12 @@ class Settings(BaseSettings):
     tenant_rate_burst: int = 100
     max_upload_mb: int = 64
     max_dataset_mb: int = 32
+    limits_redis_url: str | None = Field(
+        default=None, description="Redis for the per-tenant rate and concurrency limits, shared by every API replica; "
+                                  "unset = counted per process.")
+    limits_redis_prefix: str = "promptfleet:limits"
+    limits_lease_s: float = Field(default=900.0, description="A request's concurrency slot in Redis expires after this "
+                                                             "long if its replica died without releasing it.")
     tenant_max_storage_mb: float = Field(
         default=1024.0, description="Per-tenant stored bytes (live adapter versions + datasets); 0 = no limit.")
     generation_cache_size: int = 1024

@@ -95,6 +95,20 @@ def api_pg_url() -> Iterator[str]:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
+@pytest.fixture(scope="session")
+def limits_redis_url() -> str:
+    """Redis db 14 for the shared tenant limits (keys under per-test prefixes, so nothing
+    needs flushing). ``.ci/run`` starts Redis when it is down."""
+    import redis
+
+    url = "redis://127.0.0.1:6379/14"
+    try:
+        redis.Redis.from_url(url, socket_connect_timeout=1).ping()
+    except redis.RedisError:
+        pytest.skip("Redis is not reachable at 127.0.0.1:6379")
+    return url
+
+
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
 def db_kind(request: pytest.FixtureRequest) -> str:
     return request.param

@@ -1,8 +1,10 @@
 """Per-tenant rate and concurrency limits (429 + Retry-After) and the engine's full queue
-(503 + Retry-After), through the app; plus the limiter itself on a fake clock."""
+(503 + Retry-After), through the app with the in-process and the Redis limiter; plus the
+in-process limiter itself on a fake clock."""
 from __future__ import annotations
 
 import asyncio
+import uuid
 
 import httpx
 import pytest
@@ -12,6 +14,15 @@ from promptfleet.platform.config import EngineConfig
 from promptfleet.platform.engine import Engine
 
 LONG = {"model": "gpt2", "prompt": "Hello", "max_tokens": 200, "temperature": 0, "ignore_eos": True}
+
+
+@pytest.fixture(params=["process", pytest.param("redis", marks=pytest.mark.redis)])
+def limit_settings(request) -> dict:
+    """Settings for each limiter: counted per process, or in Redis (a fresh key prefix)."""
+    if request.param == "process":
+        return {}
+    url = request.getfixturevalue("limits_redis_url")
+    return {"limits_redis_url": url, "limits_redis_prefix": f"test-{uuid.uuid4().hex}"}
 
 
 def test_token_bucket_on_a_fake_clock():
@@ -49,7 +60,8 @@ def test_concurrency_slots():
     b.release()
 
 
-def test_rate_limit_is_429_with_retry_after(api):
+def test_rate_limit_is_429_with_retry_after(make_api, limit_settings):
+    api = make_api(**limit_settings)
     tid, h = api.new_tenant(rate_per_s=0.2, rate_burst=2)
     assert api.client.get("/v1/models", headers=h).status_code == 200
     assert api.client.get("/v1/adapters", headers=h).status_code == 200
@@ -63,8 +75,8 @@ def test_rate_limit_is_429_with_retry_after(api):
     assert 'promptfleet_rejected_requests_total{reason="rate",tenant="' in api.client.get("/metrics").text
 
 
-async def test_concurrency_cap_is_429(make_api):
-    api = make_api(max_tokens_limit=400)
+async def test_concurrency_cap_is_429(make_api, limit_settings):
+    api = make_api(max_tokens_limit=400, **limit_settings)
     tid, h = api.new_tenant(max_concurrent=1)
     transport = httpx.ASGITransport(app=api.app)
     async with httpx.AsyncClient(transport=transport, base_url="http://api") as client:

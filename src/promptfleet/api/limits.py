@@ -1,6 +1,7 @@
 """Per-tenant admission limits: a token-bucket request rate and a concurrency cap.
 
-Both are in-process (one API replica); each tenant's own values come from its row
+Both are in-process here (``TenantLimiter``; ``limits_redis.RedisTenantLimiter`` counts
+them in Redis, shared by every replica); each tenant's own values come from its row
 (``max_concurrent``, ``rate_per_s``, ``rate_burst``) or else the settings' defaults.
 Refusals carry the seconds after which a retry can succeed (the ``Retry-After`` header).
 """
@@ -11,6 +12,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 
 class LimitExceeded(Exception):
@@ -24,6 +26,20 @@ class TenantLimits:
     max_concurrent: int
     rate_per_s: float
     burst: int
+
+
+class Slot(Protocol):
+    def release(self) -> None: ...
+
+
+class Limiter(Protocol):
+    """What the API asks of a limiter (``TenantLimiter``, ``RedisTenantLimiter``)."""
+
+    def check_rate(self, tenant_id: str, limits: TenantLimits) -> None: ...
+
+    def acquire(self, tenant_id: str, limits: TenantLimits) -> Slot: ...
+
+    def active(self, tenant_id: str) -> int: ...
 
 
 class TokenBucket:

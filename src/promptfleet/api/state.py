@@ -18,7 +18,8 @@ from promptfleet.adapters.device_cache import AdapterCache
 from promptfleet.adapters.prefix_store import PrefixStore
 from promptfleet.adapters.storage import BlobStorage, LocalBlobStorage
 from promptfleet.api.gen_cache import GenerationCache
-from promptfleet.api.limits import TenantLimiter
+from promptfleet.api.limits import Limiter, TenantLimiter
+from promptfleet.api.limits_redis import RedisTenantLimiter
 from promptfleet.api.metrics import Metrics
 from promptfleet.db import make_engine, make_session_factory
 from promptfleet.platform.config import EngineConfig
@@ -39,7 +40,7 @@ class AppState:
     prefix_store: PrefixStore
     enqueue: Callable[[str], str | None]
     metrics: Metrics
-    limiter: TenantLimiter = field(default_factory=TenantLimiter)
+    limiter: Limiter = field(default_factory=TenantLimiter)
     gen_cache: GenerationCache = field(default_factory=lambda: GenerationCache(0))
     celery_app: Any = None
     worker: Any = None
@@ -108,10 +109,16 @@ def build_state(settings: Settings, metrics: Metrics, *, engine: Engine | None =
         adapter_cache = AdapterCache(prefix_store.builder(engine.build_adapter), settings.adapter_cache_mb << 20)
         celery_app, worker = _celery(settings, celery_app, closers)
         metrics.bind(engine=engine, adapter_cache=adapter_cache, prefix_store=prefix_store)
+        limiter: Limiter = TenantLimiter()
+        if settings.limits_redis_url:  # shared by every replica
+            redis_limiter = RedisTenantLimiter(settings.limits_redis_url, prefix=settings.limits_redis_prefix,
+                                               lease_s=settings.limits_lease_s)
+            closers.append(redis_limiter.close)
+            limiter = redis_limiter
         return AppState(settings=settings, engine=engine, db_engine=db_engine,
                         session_factory=make_session_factory(db_engine), storage=storage,
                         adapter_cache=adapter_cache, prefix_store=prefix_store, enqueue=make_enqueue(celery_app),
-                        metrics=metrics,
+                        metrics=metrics, limiter=limiter,
                         gen_cache=GenerationCache(settings.generation_cache_size,
                                                   enabled=settings.generation_cache_enabled),
                         celery_app=celery_app, worker=worker, _closers=closers)
