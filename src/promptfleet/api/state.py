@@ -69,7 +69,7 @@ def engine_config(settings: Settings) -> EngineConfig:
     return EngineConfig(device=settings.device, dtype=settings.dtype, max_batch_size=settings.max_batch_size,
                         kv_cache_bytes=settings.kv_cache_mb << 20, max_queue=settings.max_queue,
                         max_model_len=settings.max_model_len, max_step_tokens=settings.max_step_tokens,
-                        linear_kernels=settings.linear_kernels)
+                        linear_kernels=settings.linear_kernels, attention=settings.attention)
 
 
 def _celery(settings: Settings, celery_app: Any, closers: list[Callable[[], None]]) -> tuple[Any, Any]:
