@@ -28,6 +28,20 @@ class TenantLimits:
     burst: int
 
 
+def rate_is_zero() -> LimitExceeded:
+    return LimitExceeded("this tenant's request rate limit is 0", retry_after=60.0)
+
+
+def rate_exceeded(limits: TenantLimits, wait: float) -> LimitExceeded:
+    return LimitExceeded(f"rate limit exceeded: at most {limits.rate_per_s:g} requests per second "
+                         f"(burst {limits.burst}) per tenant; retry in {wait:.2f} s", retry_after=min(wait, 3600.0))
+
+
+def too_many_in_flight(active: int, limits: TenantLimits) -> LimitExceeded:
+    return LimitExceeded(f"too many concurrent requests: this tenant already has {active} in flight "
+                         f"(limit {limits.max_concurrent})", retry_after=1.0)
+
+
 class Slot(Protocol):
     def release(self) -> None: ...
 
@@ -87,7 +101,7 @@ class TenantLimiter:
     def check_rate(self, tenant_id: str, limits: TenantLimits) -> None:
         """Take one token from the tenant's bucket or raise ``LimitExceeded``."""
         if limits.rate_per_s <= 0 and limits.burst <= 0:
-            raise LimitExceeded("this tenant's request rate limit is 0", retry_after=60.0)
+            raise rate_is_zero()
         now = self._clock()
         with self._lock:
             bucket = self._buckets.get(tenant_id)
@@ -95,17 +109,14 @@ class TenantLimiter:
                 bucket = self._buckets[tenant_id] = TokenBucket(limits.rate_per_s, limits.burst, now)
             wait = bucket.take(now)
         if wait > 0:
-            raise LimitExceeded(f"rate limit exceeded: at most {limits.rate_per_s:g} requests per second "
-                                f"(burst {limits.burst}) per tenant; retry in {wait:.2f} s",
-                                retry_after=min(wait, 3600.0))
+            raise rate_exceeded(limits, wait)
 
     def acquire(self, tenant_id: str, limits: TenantLimits) -> ConcurrencySlot:
         """Admit one more concurrent request of the tenant or raise ``LimitExceeded``."""
         with self._lock:
             active = self._active.get(tenant_id, 0)
             if active >= limits.max_concurrent:
-                raise LimitExceeded(f"too many concurrent requests: this tenant already has {active} in flight "
-                                    f"(limit {limits.max_concurrent})", retry_after=1.0)
+                raise too_many_in_flight(active, limits)
             self._active[tenant_id] = active + 1
         return ConcurrencySlot(self, tenant_id)
 

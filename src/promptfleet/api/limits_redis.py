@@ -23,7 +23,8 @@ import uuid
 
 import redis
 
-from promptfleet.api.limits import LimitExceeded, Slot, TenantLimiter, TenantLimits
+from promptfleet.api.limits import (Slot, TenantLimiter, TenantLimits, rate_exceeded, rate_is_zero,
+                                     too_many_in_flight)
 
 log = logging.getLogger(__name__)
 
@@ -87,17 +88,14 @@ class RedisTenantLimiter:
     def check_rate(self, tenant_id: str, limits: TenantLimits) -> None:
         """Take one token from the tenant's shared bucket or raise ``LimitExceeded``."""
         if limits.rate_per_s <= 0 and limits.burst <= 0:
-            raise LimitExceeded("this tenant's request rate limit is 0", retry_after=60.0)
+            raise rate_is_zero()
         try:
             wait = float(self._rate(keys=[f"{self._prefix}:rate:{tenant_id}"], args=[limits.rate_per_s, limits.burst]))
         except redis.RedisError as exc:
             self._down(exc)
             return self._fallback.check_rate(tenant_id, limits)
         if wait != 0:
-            wait = math.inf if wait < 0 else wait
-            raise LimitExceeded(f"rate limit exceeded: at most {limits.rate_per_s:g} requests per second "
-                                f"(burst {limits.burst}) per tenant; retry in {wait:.2f} s",
-                                retry_after=min(wait, 3600.0))
+            raise rate_exceeded(limits, math.inf if wait < 0 else wait)
 
     def acquire(self, tenant_id: str, limits: TenantLimits) -> Slot:
         """Admit one more concurrent request of the tenant, across replicas, or raise ``LimitExceeded``."""
@@ -108,8 +106,7 @@ class RedisTenantLimiter:
             self._down(exc)
             return self._fallback.acquire(tenant_id, limits)
         if active >= 0:
-            raise LimitExceeded(f"too many concurrent requests: this tenant already has {active} in flight "
-                                f"(limit {limits.max_concurrent})", retry_after=1.0)
+            raise too_many_in_flight(active, limits)
         return RedisSlot(self, key, member)
 
     def _release(self, key: str, member: str) -> None:

@@ -117,14 +117,17 @@ class SlotBatch:
 
     def __init__(self, cache: SlotKVCache, slot0: int, start: list[int], q_lens: list[int], T: int) -> None:
         self.cache, self.slot0, self.B, self.T = cache, slot0, len(start), T
+        # a decode group on the native kernel: row b stores its token at start[b] and
+        # attends to its first start[b] + 1 keys (it reads nothing past them: no mask, no
+        # zeroing, and none of the index tensors below)
+        self.native_lens = (torch.tensor(start, dtype=torch.int32) + 1
+                            if cache.decode_kernels is not None and T == 1 else None)
+        if self.native_lens is not None:
+            return
         dev = cache.k[0].device
         self.start_t = torch.tensor(start, dtype=torch.long, device=dev)
         self.rows = torch.arange(slot0, slot0 + self.B, device=dev)
-        # a decode group on the native kernel: row b stores its token at start[b] and
-        # attends to its first start[b] + 1 keys (it reads nothing past them: no mask, no zeroing)
-        self.native_lens = (torch.tensor(start, dtype=torch.int32) + 1
-                            if cache.decode_kernels is not None and T == 1 else None)
-        if cache.backend == "flash" or self.native_lens is not None:
+        if cache.backend == "flash":
             return
         steps = torch.arange(T, device=dev)
         pos = self.start_t[:, None] + steps[None, :]

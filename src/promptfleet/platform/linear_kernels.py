@@ -90,13 +90,24 @@ _FUSABLE = {
 }
 
 
+def _weight_and_bias(linear: nn.Linear | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """An ``nn.Linear``'s weight and bias, or a bare weight (the tied LM head) and no bias."""
+    if isinstance(linear, nn.Linear):
+        return linear.weight, linear.bias
+    return linear, None
+
+
+def _pad_rows(flat: torch.Tensor, rows: int) -> torch.Tensor:
+    """``flat`` with zero rows appended up to ``rows``."""
+    return torch.cat([flat, flat.new_zeros(rows - flat.shape[0], flat.shape[1])])
+
+
 class PackedLinear(nn.Module):
     """``y = act(x @ W.T + b)`` on a oneDNN-packed ``W`` (inference only)."""
 
     def __init__(self, linear: nn.Linear | torch.Tensor, *, activation: str | None = None) -> None:
         super().__init__()
-        weight = linear.weight if isinstance(linear, nn.Linear) else linear
-        bias = linear.bias if isinstance(linear, nn.Linear) else None
+        weight, bias = _weight_and_bias(linear)
         self.in_features, self.out_features = weight.shape[1], weight.shape[0]
         self.activation = activation
         self.attr, self.algorithm = _FUSABLE[activation] if activation else ("none", "")
@@ -122,7 +133,7 @@ class PackedLinear(nn.Module):
         rows = flat.shape[0]
         padded = bucket_rows(rows)
         if padded != rows:
-            flat = torch.cat([flat, flat.new_zeros(padded - rows, self.in_features)])
+            flat = _pad_rows(flat, padded)
         out = torch.ops.mkldnn._linear_pointwise(flat, self.packed_weight, self.bias, self.attr, [], self.algorithm)
         return out[:rows]
 
@@ -145,8 +156,7 @@ class NativeLinear(nn.Module):
     def __init__(self, linear: nn.Linear | torch.Tensor, gemm: NativeKernels, *, activation: str | None = None,
                  out: torch.Tensor | None = None) -> None:
         super().__init__()
-        weight = linear.weight if isinstance(linear, nn.Linear) else linear
-        bias = linear.bias if isinstance(linear, nn.Linear) else None
+        weight, bias = _weight_and_bias(linear)
         self.in_features, self.out_features = weight.shape[1], weight.shape[0]
         self.gemm, self.activation = gemm, activation
         self.act = activation_fn(activation) if activation else None
@@ -159,7 +169,7 @@ class NativeLinear(nn.Module):
         flat = x.reshape(rows, self.in_features)
         padded = -(-rows // self.gemm.row_block) * self.gemm.row_block
         if padded != rows:
-            flat = torch.cat([flat, flat.new_zeros(padded - rows, self.in_features)])
+            flat = _pad_rows(flat, padded)
         out = self.gemm.linear(flat, self.packed_weight, self.out_features, self.bias)[:rows]
         if self.act is not None:
             out = self.act(out)

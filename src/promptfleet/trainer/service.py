@@ -165,6 +165,13 @@ def cancel_job(session: Session, *, tenant_id: str, job_id: str) -> TrainingJob:
     return job
 
 
+def _record_task_id(session: Session, job_id: str, task_id: str | None) -> None:
+    """The Celery task id of the message just sent again for ``job_id`` (replaces the old one)."""
+    if task_id:
+        session.execute(update(TrainingJob).where(TrainingJob.id == job_id).values(celery_task_id=str(task_id)))
+        session.commit()
+
+
 def reap_stale_jobs(session: Session, *, stale_after_s: float, max_attempts: int = DEFAULT_MAX_ATTEMPTS,
                     enqueue: Callable[[str], str | None] | None = None) -> list[TrainingJob]:
     """Running jobs whose worker stopped heartbeating (killed, lost its machine).
@@ -206,9 +213,7 @@ def reap_stale_jobs(session: Session, *, stale_after_s: float, max_attempts: int
                             .values(status="failed", finished_at=utcnow(), error=f"could not re-enqueue: {exc}"))
             session.commit()
             continue
-        if task_id:
-            session.execute(update(TrainingJob).where(TrainingJob.id == job_id).values(celery_task_id=str(task_id)))
-            session.commit()
+        _record_task_id(session, job_id, task_id)
     for job in changed:
         session.refresh(job)
     return changed
@@ -241,7 +246,5 @@ def resend_queued_jobs(session: Session, *, older_than_s: float,
         log.warning("training job %s was still queued %g s after its message was sent; sent it again",
                     job_id, older_than_s)
         sent.append(job_id)
-        if task_id:
-            session.execute(update(TrainingJob).where(TrainingJob.id == job_id).values(celery_task_id=str(task_id)))
-            session.commit()
+        _record_task_id(session, job_id, task_id)
     return sent
