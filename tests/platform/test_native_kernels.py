@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from promptfleet.platform.linear_kernels import NativeLinear
+from promptfleet.platform.native_layers import NativeLinear
 from promptfleet.platform.native_kernels import KernelUnavailable, build_library, native_kernels, unavailable_reason
 
 needs_kernel = pytest.mark.skipif(unavailable_reason() is not None, reason=f"native kernel: {unavailable_reason()}")

@@ -12,8 +12,9 @@ at batch 32: 150-170 GFLOP/s with ``F.linear`` against 450-460 with oneDNN on we
 packed once into its blocked layout, the same fp32 arithmetic (max |diff| ~1e-4 on
 outputs of size ~30). The MLP's GELU is fused into the packed ``c_fc``.
 
-``pack_linears(model)`` swaps every block's ``nn.Linear`` for a ``PackedLinear`` and
-gives the model a packed copy of the tied LM head; ``kernels="torch"`` keeps plain
+``pack_linears(model)`` swaps every block's ``nn.Linear`` for a ``PackedLinear``
+(oneDNN) or a ``NativeLinear`` (``native_layers.py``; with ``avx512`` the layer norms
+become ``NativeLayerNorm`` too) and gives the model a packed copy of the tied LM head; ``kernels="torch"`` keeps plain
 PyTorch (and is what every non-CPU device gets). ``auto`` takes ``avx512`` where it
 builds (fp32), else ``onednn`` (fp32, bf16), else ``torch``.
 """
@@ -24,8 +25,9 @@ import logging
 import torch
 from torch import nn
 
-from promptfleet.platform.model import GPT2, activation_fn
-from promptfleet.platform.native_kernels import NativeKernels, huge_page_empty, native_kernels, unavailable_for
+from promptfleet.platform.model import GPT2
+from promptfleet.platform.native_kernels import huge_page_empty, native_kernels, unavailable_for
+from promptfleet.platform.native_layers import NativeLayerNorm, NativeLinear, pad_rows, weight_and_bias
 
 log = logging.getLogger(__name__)
 
@@ -90,24 +92,12 @@ _FUSABLE = {
 }
 
 
-def _weight_and_bias(linear: nn.Linear | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """An ``nn.Linear``'s weight and bias, or a bare weight (the tied LM head) and no bias."""
-    if isinstance(linear, nn.Linear):
-        return linear.weight, linear.bias
-    return linear, None
-
-
-def _pad_rows(flat: torch.Tensor, rows: int) -> torch.Tensor:
-    """``flat`` with zero rows appended up to ``rows``."""
-    return torch.cat([flat, flat.new_zeros(rows - flat.shape[0], flat.shape[1])])
-
-
 class PackedLinear(nn.Module):
     """``y = act(x @ W.T + b)`` on a oneDNN-packed ``W`` (inference only)."""
 
     def __init__(self, linear: nn.Linear | torch.Tensor, *, activation: str | None = None) -> None:
         super().__init__()
-        weight, bias = _weight_and_bias(linear)
+        weight, bias = weight_and_bias(linear)
         self.in_features, self.out_features = weight.shape[1], weight.shape[0]
         self.activation = activation
         self.attr, self.algorithm = _FUSABLE[activation] if activation else ("none", "")
@@ -133,7 +123,7 @@ class PackedLinear(nn.Module):
         rows = flat.shape[0]
         padded = bucket_rows(rows)
         if padded != rows:
-            flat = _pad_rows(flat, padded)
+            flat = pad_rows(flat, padded)
         out = torch.ops.mkldnn._linear_pointwise(flat, self.packed_weight, self.bias, self.attr, [], self.algorithm)
         return out[:rows]
 
@@ -146,37 +136,6 @@ class PackedLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, fused={self.activation}"
-
-
-class NativeLinear(nn.Module):
-    """``y = act(x @ W.T + b)`` through ``native_kernels`` (fp32, inference only). Rows are
-    padded to the kernel's row block (8); the activation runs after the GEMM (an
-    elementwise pass over ``[rows, out]``: small next to reading the weight)."""
-
-    def __init__(self, linear: nn.Linear | torch.Tensor, gemm: NativeKernels, *, activation: str | None = None,
-                 out: torch.Tensor | None = None) -> None:
-        super().__init__()
-        weight, bias = _weight_and_bias(linear)
-        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
-        self.gemm, self.activation = gemm, activation
-        self.act = activation_fn(activation) if activation else None
-        with torch.no_grad():
-            self.packed_weight = gemm.pack(weight, out)
-        self.bias = None if bias is None else bias.detach().contiguous().clone()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.numel() // self.in_features
-        flat = x.reshape(rows, self.in_features)
-        padded = -(-rows // self.gemm.row_block) * self.gemm.row_block
-        if padded != rows:
-            flat = _pad_rows(flat, padded)
-        out = self.gemm.linear(flat, self.packed_weight, self.out_features, self.bias)[:rows]
-        if self.act is not None:
-            out = self.act(out)
-        return out.reshape(*x.shape[:-1], self.out_features)
-
-    def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, activation={self.activation}"
 
 
 def pack_linears(model: GPT2, kernels: str = "auto") -> str:
@@ -207,6 +166,10 @@ def pack_linears(model: GPT2, kernels: str = "auto") -> str:
         block.fused_activation = True
         block.mlp_proj = wrap(block.mlp_proj)
     model.lm_head = wrap(weight)  # a packed copy; wte itself still serves lookups
+    if chosen == "avx512":
+        for block in model.blocks:
+            block.ln_1, block.ln_2 = NativeLayerNorm(block.ln_1, gemm), NativeLayerNorm(block.ln_2, gemm)
+        model.ln_f = NativeLayerNorm(model.ln_f, gemm)
     model.linear_kernels = chosen
     if chosen == "onednn":
         # blocks share their four weight shapes: warming one block's linears compiles them all

@@ -35,6 +35,14 @@ def activation_fn(name: str):
     raise ValueError(f"unsupported activation {name!r}")
 
 
+def linear_plus(linear: nn.Module, inp: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    """``residual + linear(inp)``, in the linear's own kernel call where it can fuse the add
+    (``native_layers.NativeLinear``)."""
+    if getattr(linear, "fuses_residual", False):
+        return linear(inp, residual=residual)
+    return residual + linear(inp)
+
+
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, index: int) -> None:
         super().__init__()
@@ -55,9 +63,9 @@ class Block(nn.Module):
         qkv = self.c_attn(self.ln_1(x)).view(b, t, 3, self.n_head, d // self.n_head)
         q, k, v = qkv.unbind(dim=2)
         y = ctx.attend(self.index, q, k, v).reshape(b, t, d)
-        x = x + self.attn_proj(y)
+        x = linear_plus(self.attn_proj, y, x)
         h = self.c_fc(self.ln_2(x))
-        x = x + self.mlp_proj(h if self.fused_activation else self.act(h))
+        x = linear_plus(self.mlp_proj, h if self.fused_activation else self.act(h), x)
         return x
 
 

@@ -1,5 +1,5 @@
-"""The engine's AVX-512 fp32 CPU kernels (``csrc/*.c``): the linears' GEMM, decode
-attention and greedy argmax. Compiled once per machine into one shared library, called through ctypes
+"""The engine's AVX-512 fp32 CPU kernels (``csrc/*.c``): the linears' GEMM (with the
+activation and residual add fused), layer norm, decode attention and greedy argmax. Compiled once per machine into one shared library, called through ctypes
 (which releases the GIL for the call).
 
 Built with the machine's C compiler on first use into ``$XDG_CACHE_HOME/promptfleet/
@@ -33,8 +33,12 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCES = tuple(Path(__file__).parent / "csrc" / name
-                for name in ("gemm_avx512.c", "decode_attention_avx512.c", "argmax_avx512.c"))
+CSRC = Path(__file__).parent / "csrc"
+SOURCES = tuple(CSRC / name for name in
+                ("gemm_avx512.c", "layernorm_avx512.c", "decode_attention_avx512.c", "argmax_avx512.c"))
+HEADERS = (CSRC / "vec_math_avx512.h",)
+# activations the GEMM applies in its epilogue (our names -> the C enum); others run after it
+FUSED_ACTIVATIONS = {"gelu_new": 1, "gelu_pytorch_tanh": 1, "gelu_fast": 1, "relu": 2}
 FLAGS = ("-O3", "-mavx512f", "-mfma", "-fopenmp", "-shared", "-fPIC", "-std=gnu11")
 
 
@@ -93,7 +97,7 @@ def build_library(*, compiler: str | None = None, cache_dir: Path | None = None)
     except (OSError, subprocess.SubprocessError) as exc:
         raise KernelUnavailable(f"C compiler {cc_path} does not run: {exc}") from exc
     flags = (*FLAGS, f"-L{gomp.parent}", f"-Wl,-rpath,{gomp.parent}")
-    code = b"".join(src.read_bytes() for src in SOURCES)
+    code = b"".join(src.read_bytes() for src in (*SOURCES, *HEADERS))
     digest = hashlib.sha256(code + repr((flags, version)).encode()).hexdigest()[:16]
     target = (cache_dir or _cache_dir()) / f"promptfleet_avx512-{digest}.so"
     if target.exists():
@@ -141,16 +145,39 @@ class NativeKernels:
         self.lib.pf_pack(weight.data_ptr(), n, k, out.data_ptr())
         return out
 
-    def linear(self, x: torch.Tensor, packed: torch.Tensor, out_features: int,
-               bias: torch.Tensor | None = None) -> torch.Tensor:
-        """``x @ W.T + bias`` for 2-D fp32 ``x`` with a row count that is a multiple of ``row_block``."""
+    def linear(self, x: torch.Tensor, packed: torch.Tensor, out_features: int, bias: torch.Tensor | None = None,
+               *, activation: str | None = None, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """``act(x @ W.T + bias) + residual`` for 2-D fp32 ``x`` with a row count that is a
+        multiple of ``row_block``; ``activation`` one of ``FUSED_ACTIVATIONS`` or None,
+        ``residual`` (optional) shaped like the output."""
         m, k = x.shape
-        if m % self.row_block or x.dtype != torch.float32 or packed.numel() % (k * self.panel_width):
-            raise ValueError(f"bad native GEMM call: x {tuple(x.shape)} {x.dtype}, packed {packed.numel()}")
+        if (m % self.row_block or x.dtype != torch.float32 or packed.numel() % (k * self.panel_width)
+                or (activation is not None and activation not in FUSED_ACTIVATIONS)
+                or (residual is not None and (residual.shape != (m, out_features) or residual.dtype != torch.float32))):
+            raise ValueError(f"bad native GEMM call: x {tuple(x.shape)} {x.dtype}, packed {packed.numel()}, "
+                             f"activation {activation!r}, residual {None if residual is None else tuple(residual.shape)}")
         x = x.contiguous()
+        if residual is not None:
+            residual = residual.contiguous()
         out = torch.empty(m, out_features, dtype=torch.float32)
         self.lib.pf_linear(x.data_ptr(), m, k, packed.data_ptr(), out_features,
-                           None if bias is None else bias.data_ptr(), out.data_ptr(), torch.get_num_threads())
+                           None if bias is None else bias.data_ptr(), FUSED_ACTIVATIONS.get(activation, 0),
+                           None if residual is None else residual.data_ptr(), out.data_ptr(), torch.get_num_threads())
+        return out
+
+    def layer_norm(self, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                   eps: float) -> torch.Tensor:
+        """``F.layer_norm`` over the last dimension of an fp32 CPU tensor."""
+        d = x.shape[-1]
+        if (x.dtype != torch.float32 or x.device.type != "cpu" or d == 0
+                or any(t is not None and (t.shape != (d,) or t.dtype != torch.float32 or not t.is_contiguous())
+                       for t in (weight, bias))):
+            raise ValueError(f"bad native layer norm call: x {tuple(x.shape)} {x.dtype} on {x.device}")
+        x = x.contiguous()
+        out = torch.empty_like(x)
+        self.lib.pf_layer_norm(x.data_ptr(), x.numel() // d, d, None if weight is None else weight.data_ptr(),
+                               None if bias is None else bias.data_ptr(), eps, out.data_ptr(),
+                               torch.get_num_threads())
         return out
 
     def decode_attention(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot0: int,
@@ -216,8 +243,10 @@ def huge_page_empty(numel: int) -> torch.Tensor:
 def load(path: Path) -> NativeKernels:
     lib = ctypes.CDLL(str(path))
     ptr, long_ = ctypes.c_void_p, ctypes.c_long
-    lib.pf_linear.argtypes = [ptr, long_, long_, ptr, long_, ptr, ptr, ctypes.c_int]
+    lib.pf_linear.argtypes = [ptr, long_, long_, ptr, long_, ptr, ctypes.c_int, ptr, ptr, ctypes.c_int]
     lib.pf_linear.restype = None
+    lib.pf_layer_norm.argtypes = [ptr, long_, long_, ptr, ptr, ctypes.c_float, ptr, ctypes.c_int]
+    lib.pf_layer_norm.restype = None
     lib.pf_pack.argtypes = [ptr, long_, long_, ptr]
     lib.pf_pack.restype = None
     lib.pf_panel_width.restype = lib.pf_row_block.restype = ctypes.c_int

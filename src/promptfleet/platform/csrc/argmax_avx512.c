@@ -3,7 +3,7 @@
 #include <math.h>
 #include <omp.h>
 
-static inline __mmask16 tail_mask(long left) { return left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1u); }
+#include "vec_math_avx512.h"
 
 /* argmax of each row of x [rows][cols] with torch.argmax's answer: the first index of the
  * maximum, or of the first NaN when a row has one. torch's CPU argmax runs at ~1 GB/s

@@ -11,14 +11,21 @@
  * threads come from torch's own OpenMP runtime (this library links the libgomp torch
  * loaded), split over panels.
  *
- * Contract: M a multiple of MR (the caller pads rows), A row-major [M][K], C row-major
- * [M][N]; bias may be NULL. */
+ * The epilogue fuses what follows a linear in GPT-2, so no extra pass over the output:
+ * C = act(A W^T + bias) + R, with act none, tanh GELU or ReLU and R (the residual) optional.
+ *
+ * Contract: M a multiple of MR (the caller pads rows), A row-major [M][K], C and R
+ * row-major [M][N]; bias and R may be NULL. */
 #include <immintrin.h>
 #include <omp.h>
+
+#include "vec_math_avx512.h"
 
 #define NR 48
 #define MR 8
 #define PF_K 32 /* k steps ahead for in-panel prefetch of a panel nobody prefetched */
+
+enum { ACT_NONE = 0, ACT_GELU_TANH = 1, ACT_RELU = 2 };
 
 int pf_panel_width(void) { return NR; }
 int pf_row_block(void) { return MR; }
@@ -26,8 +33,14 @@ int pf_row_block(void) { return MR; }
 /* One MR x NR block: rows A[0..MR) against panel B[K][NR]. While it runs, prefetch
  * `pf_lines` cache lines starting at `pf` into L2; `cold` prefetches this panel's own
  * lines PF_K steps ahead (its first pass when nothing prefetched it). */
+static inline __m512 activate(__m512 v, int act) {
+    if (act == ACT_GELU_TANH) return gelu_tanh512(v);
+    if (act == ACT_RELU) return _mm512_max_ps(_mm512_setzero_ps(), v); /* NaN stays NaN, as in torch */
+    return v;
+}
+
 static inline void block(const float *A, long lda, const float *B, long K, float *C, long ldc, int ncols,
-                         const float *bias, const float *pf, long pf_lines, int cold) {
+                         const float *bias, int act, const float *R, const float *pf, long pf_lines, int cold) {
     __m512 acc[MR][3];
     for (int i = 0; i < MR; i++)
         for (int j = 0; j < 3; j++) acc[i][j] = _mm512_setzero_ps();
@@ -55,11 +68,16 @@ static inline void block(const float *A, long lda, const float *B, long K, float
         int n = ncols - c0 < 16 ? ncols - c0 : 16;
         __mmask16 mask = (__mmask16)((1u << n) - 1u);
         __m512 bj = bias ? _mm512_maskz_loadu_ps(mask, bias + c0) : _mm512_setzero_ps();
-        for (int i = 0; i < MR; i++) _mm512_mask_storeu_ps(C + i * ldc + c0, mask, _mm512_add_ps(acc[i][j], bj));
+        for (int i = 0; i < MR; i++) {
+            __m512 v = activate(_mm512_add_ps(acc[i][j], bj), act);
+            if (R) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask, R + i * ldc + c0));
+            _mm512_mask_storeu_ps(C + i * ldc + c0, mask, v);
+        }
     }
 }
 
-void pf_linear(const float *A, long M, long K, const float *W, long N, const float *bias, float *C, int threads) {
+void pf_linear(const float *A, long M, long K, const float *W, long N, const float *bias, int act, const float *R,
+               float *C, int threads) {
     long panels = (N + NR - 1) / NR, blocks = M / MR, panel = K * NR;
 #pragma omp parallel num_threads(threads)
     {
@@ -75,7 +93,8 @@ void pf_linear(const float *A, long M, long K, const float *W, long N, const flo
             for (long r = 0; r < blocks; r++) {
                 long lo = per * (r - 1), hi = per * r < lines ? per * r : lines;
                 long n_pf = (r == 0 || hi <= lo) ? 0 : hi - lo;
-                block(A + r * MR * K, K, B, K, C + r * MR * N + p * NR, N, ncols, bias ? bias + p * NR : 0,
+                long at = r * MR * N + p * NR;
+                block(A + r * MR * K, K, B, K, C + at, N, ncols, bias ? bias + p * NR : 0, act, R ? R + at : 0,
                       n_pf ? next + 16 * lo : 0, n_pf, r == 0 && (p == p0 || blocks == 1));
             }
         }
