@@ -197,6 +197,10 @@ class PackedBatch:
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         heads, dim = q.shape[2], q.shape[3]
+        if len(self.groups) == 1:  # a decode-only step: nothing to split or join
+            g = self.groups[0]
+            shape = (g.B, g.T, heads, dim)
+            return g.attend(layer, q.view(shape), k.view(shape), v.view(shape)).reshape(1, g.B * g.T, heads, dim)
         outs = []
         for g, qs, ks, vs in zip(self.groups, q.split(self.sizes, 1), k.split(self.sizes, 1), v.split(self.sizes, 1)):
             shape = (g.B, g.T, heads, dim)
