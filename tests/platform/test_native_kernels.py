@@ -202,3 +202,23 @@ def test_decode_attention_stores_the_steps_token_before_reading_it():
     assert torch.equal(got, want)
     with pytest.raises(ValueError, match="bad native attention call"):
         kernels.decode_attention(q, k_cache, v_cache, 1, lens, k_new=k_new)  # one without the other
+
+
+@needs_kernel
+def test_decode_attention_reads_row_strided_views_of_one_qkv_in_place():
+    """q/k/v as the engine hands them over: views into one ``[B, 3, H, D]`` projection."""
+    kernels = native_kernels()
+    gen = torch.Generator().manual_seed(6)
+    qkv = torch.randn(3, 3, 4, 16, generator=gen)
+    q, k_new, v_new = qkv.unbind(1)
+    assert not q.is_contiguous()
+    k_cache, v_cache = torch.randn(3, 20, 4, 16, generator=gen), torch.randn(3, 20, 4, 16, generator=gen)
+    lens = torch.tensor([1, 9, 20], dtype=torch.int32)
+    want_k, want_v = k_cache.clone(), v_cache.clone()
+    want = kernels.decode_attention(q.contiguous(), want_k, want_v, 0, lens,
+                                    k_new=k_new.contiguous(), v_new=v_new.contiguous())
+    got = kernels.decode_attention(q, k_cache, v_cache, 0, lens, k_new=k_new, v_new=v_new)
+    assert torch.equal(got, want) and torch.equal(k_cache, want_k) and torch.equal(v_cache, want_v)
+    mixed = kernels.decode_attention(q, k_cache.clone(), v_cache.clone(), 0, lens,
+                                     k_new=k_new.contiguous(), v_new=v_new)  # strides differ: copied, same answer
+    assert torch.equal(mixed, want)

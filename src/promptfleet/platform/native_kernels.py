@@ -186,7 +186,8 @@ class NativeKernels:
         """Softmax attention of ``q`` ``[B, H, D]`` over the first ``lens[b]`` positions of
         cache slot ``slot0 + b`` (caches ``[slots, positions, H, D]``, fp32, contiguous);
         returns ``[B, H, D]``. ``k_new``/``v_new`` (``[B, H, D]``), when given, are stored
-        at position ``lens[b] - 1`` first: this step's token."""
+        at position ``lens[b] - 1`` first: this step's token. ``q``/``k_new``/``v_new`` may
+        be row-strided views (e.g. of one fused qkv output): read in place, not copied."""
         b, h, d = q.shape
         slots, positions = k_cache.shape[:2]
         new = [t for t in (k_new, v_new) if t is not None]
@@ -195,12 +196,14 @@ class NativeKernels:
                 or lens.dtype != torch.int32 or lens.shape != (b,) or not 0 <= slot0 <= slots - b
                 or len(new) == 1 or any(t.shape != q.shape or t.dtype != torch.float32 for t in new)):
             raise ValueError(f"bad native attention call: q {tuple(q.shape)} {q.dtype}, cache {tuple(k_cache.shape)}")
-        q = q.contiguous()
-        k_new, v_new = (t.contiguous() for t in new) if new else (None, None)
-        out = torch.empty_like(q)
+        rows = [q, *new]
+        if not all(t.stride(1) == d and t.stride(2) == 1 and t.stride(0) == q.stride(0) >= h * d for t in rows):
+            rows = [t.contiguous() for t in rows]  # one row stride for all, heads dense within a row
+        q, k_new, v_new = rows if new else (rows[0], None, None)
+        out = torch.empty(b, h, d, dtype=torch.float32)
         rc = self.lib.pf_decode_attention(q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), positions * h * d,
                                           slot0, lens.data_ptr(), None if k_new is None else k_new.data_ptr(),
-                                          None if v_new is None else v_new.data_ptr(), b, h, d, positions,
+                                          None if v_new is None else v_new.data_ptr(), q.stride(0), b, h, d, positions,
                                           1.0 / math.sqrt(d), out.data_ptr(), torch.get_num_threads())
         if rc != 0:
             raise ValueError(f"native attention refused lengths {lens.tolist()} (cache holds {positions}) "
@@ -250,7 +253,7 @@ def load(path: Path) -> NativeKernels:
     lib.pf_pack.argtypes = [ptr, long_, long_, ptr]
     lib.pf_pack.restype = None
     lib.pf_panel_width.restype = lib.pf_row_block.restype = ctypes.c_int
-    lib.pf_decode_attention.argtypes = [ptr, ptr, ptr, long_, long_, ptr, ptr, ptr, long_, long_, long_, long_,
+    lib.pf_decode_attention.argtypes = [ptr, ptr, ptr, long_, long_, ptr, ptr, ptr, long_, long_, long_, long_, long_,
                                         ctypes.c_float, ptr, ctypes.c_int]
     lib.pf_decode_attention.restype = ctypes.c_int
     lib.pf_argmax_rows.argtypes = [ptr, long_, long_, ptr, ctypes.c_int]

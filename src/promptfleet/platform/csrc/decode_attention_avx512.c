@@ -7,7 +7,9 @@
  * front to back once, all heads together: scores for every head from one pass over K,
  * a vectorised softmax, then one pass over V.
  *
- * q and out: [B][H][D]; K, V: [slots][positions][H][D] (slot stride `slot_stride` floats);
+ * q, k_new, v_new: B rows of [H][D], `row_stride` floats apart (they are usually views
+ * into one fused qkv projection, so no copy is made); out: [B][H][D];
+ * K, V: [slots][positions][H][D] (slot stride `slot_stride` floats);
  * row b uses slot `slot0 + b` and attends to its first lens[b] (>= 1) positions. When
  * k_new/v_new ([B][H][D]) are given, row b's are first written at position lens[b] - 1
  * (the decode step's own token), by the thread that then reads them.
@@ -72,7 +74,7 @@ static void one_row(const float *q, const float *K, const float *V, long len, lo
 
 /* Returns 0, or -1 when a row's length is out of range or scratch memory is short. */
 int pf_decode_attention(const float *q, float *K, float *V, long slot_stride, long slot0, const int *lens,
-                        const float *k_new, const float *v_new, long B, long H, long D, long max_len, float scale,
+                        const float *k_new, const float *v_new, long row_stride, long B, long H, long D, long max_len, float scale,
                         float *out, int threads) {
     if (D % 16) return -1;
     for (long b = 0; b < B; b++)
@@ -87,10 +89,10 @@ int pf_decode_attention(const float *q, float *K, float *V, long slot_stride, lo
         for (long b = 0; b < B; b++) {
             float *Kb = K + (slot0 + b) * slot_stride, *Vb = V + (slot0 + b) * slot_stride;
             if (k_new && v_new) {
-                memcpy(Kb + (lens[b] - 1) * H * D, k_new + b * H * D, (size_t)(H * D) * sizeof(float));
-                memcpy(Vb + (lens[b] - 1) * H * D, v_new + b * H * D, (size_t)(H * D) * sizeof(float));
+                memcpy(Kb + (lens[b] - 1) * H * D, k_new + b * row_stride, (size_t)(H * D) * sizeof(float));
+                memcpy(Vb + (lens[b] - 1) * H * D, v_new + b * row_stride, (size_t)(H * D) * sizeof(float));
             }
-            if (s) one_row(q + b * H * D, Kb, Vb, lens[b], H, D, scale, s, lpad, out + b * H * D);
+            if (s) one_row(q + b * row_stride, Kb, Vb, lens[b], H, D, scale, s, lpad, out + b * H * D);
         }
         free(s);
     }
