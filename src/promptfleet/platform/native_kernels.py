@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 CSRC = Path(__file__).parent / "csrc"
 SOURCES = tuple(CSRC / name for name in
                 ("gemm_avx512.c", "layernorm_avx512.c", "decode_attention_avx512.c", "argmax_avx512.c"))
-HEADERS = (CSRC / "vec_math_avx512.h",)
+HEADERS = (CSRC / "vec_math_avx512.h", CSRC / "gemm_panels.h")
 # activations the GEMM applies in its epilogue (our names -> the C enum); others run after it
 FUSED_ACTIVATIONS = {"gelu_new": 1, "gelu_pytorch_tanh": 1, "gelu_fast": 1, "relu": 2}
 FLAGS = ("-O3", "-mavx512f", "-mfma", "-fopenmp", "-shared", "-fPIC", "-std=gnu11")

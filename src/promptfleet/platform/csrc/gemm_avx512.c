@@ -4,9 +4,8 @@
  * for them. MKL and oneDNN then run at 10-11 GB/s of weight traffic on this project's
  * machines (about half the 22 GB/s two cores can stream) because the loads do not overlap
  * the FMAs. Here W is packed once into column panels of NR = 48 (three zmm registers),
- * [P][K][NR], so a panel is one contiguous stream; each panel is multiplied against all
- * rows in blocks of MR = 8 (24 accumulators), and while the later row blocks run on the
- * panel (now in L2) the next panel is prefetched into L2 a cache line per k step.
+ * [P][K][NR], so a panel is one contiguous stream, and the next panel is prefetched while
+ * the current one is multiplied (the loop: gemm_panels.h).
  * Python (native_kernels.py) compiles this once per machine and calls it through ctypes;
  * threads come from torch's own OpenMP runtime (this library links the libgomp torch
  * loaded), split over panels.
@@ -19,28 +18,16 @@
 #include <immintrin.h>
 #include <omp.h>
 
-#include "vec_math_avx512.h"
-
-#define NR 48
-#define MR 8
-#define PF_K 32 /* k steps ahead for in-panel prefetch of a panel nobody prefetched */
-
-enum { ACT_NONE = 0, ACT_GELU_TANH = 1, ACT_RELU = 2 };
+#include "gemm_panels.h"
 
 int pf_panel_width(void) { return NR; }
 int pf_row_block(void) { return MR; }
 
-/* One MR x NR block: rows A[0..MR) against panel B[K][NR]. While it runs, prefetch
- * `pf_lines` cache lines starting at `pf` into L2; `cold` prefetches this panel's own
- * lines PF_K steps ahead (its first pass when nothing prefetched it). */
-static inline __m512 activate(__m512 v, int act) {
-    if (act == ACT_GELU_TANH) return gelu_tanh512(v);
-    if (act == ACT_RELU) return _mm512_max_ps(_mm512_setzero_ps(), v); /* NaN stays NaN, as in torch */
-    return v;
-}
-
-static inline void block(const float *A, long lda, const float *B, long K, float *C, long ldc, int ncols,
-                         const float *bias, int act, const float *R, const float *pf, long pf_lines, int cold) {
+/* fp32 panels are [K][NR]: one k step is 3 cache lines. */
+static void block_f32(const void *A_, long lda, const void *B_, long K, void *C_, long ldc, int ncols,
+                      const void *bias_, int act, const void *R_, const char *pf, long pf_lines, int cold) {
+    const float *A = A_, *B = B_, *bias = bias_, *R = R_;
+    float *C = C_;
     __m512 acc[MR][3];
     for (int i = 0; i < MR; i++)
         for (int j = 0; j < 3; j++) acc[i][j] = _mm512_setzero_ps();
@@ -52,7 +39,7 @@ static inline void block(const float *A, long lda, const float *B, long K, float
             _mm_prefetch((const char *)(b + PF_K * NR + 16), _MM_HINT_T0);
             _mm_prefetch((const char *)(b + PF_K * NR + 32), _MM_HINT_T0);
         }
-        if (issued < pf_lines) _mm_prefetch((const char *)(pf + 16 * issued++), _MM_HINT_T1);
+        if (issued < pf_lines) _mm_prefetch(pf + 64 * issued++, _MM_HINT_T1);
         __m512 b0 = _mm512_loadu_ps(b), b1 = _mm512_loadu_ps(b + 16), b2 = _mm512_loadu_ps(b + 32);
 #pragma GCC unroll 8
         for (int i = 0; i < MR; i++) {
@@ -78,27 +65,7 @@ static inline void block(const float *A, long lda, const float *B, long K, float
 
 void pf_linear(const float *A, long M, long K, const float *W, long N, const float *bias, int act, const float *R,
                float *C, int threads) {
-    long panels = (N + NR - 1) / NR, blocks = M / MR, panel = K * NR;
-#pragma omp parallel num_threads(threads)
-    {
-        int nt = omp_get_num_threads(), t = omp_get_thread_num();
-        long p0 = panels * t / nt, p1 = panels * (t + 1) / nt;
-        for (long p = p0; p < p1; p++) {
-            const float *B = W + p * panel;
-            int ncols = (int)(N - p * NR < NR ? N - p * NR : NR);
-            /* the next panel's lines, spread over row blocks 1.. (block 0 reads this panel cold) */
-            const float *next = p + 1 < p1 ? B + panel : 0;
-            long lines = next ? panel / 16 : 0;
-            long per = blocks > 1 ? (lines + blocks - 2) / (blocks - 1) : 0;
-            for (long r = 0; r < blocks; r++) {
-                long lo = per * (r - 1), hi = per * r < lines ? per * r : lines;
-                long n_pf = (r == 0 || hi <= lo) ? 0 : hi - lo;
-                long at = r * MR * N + p * NR;
-                block(A + r * MR * K, K, B, K, C + at, N, ncols, bias ? bias + p * NR : 0, act, R ? R + at : 0,
-                      n_pf ? next + 16 * lo : 0, n_pf, r == 0 && (p == p0 || blocks == 1));
-            }
-        }
-    }
+    drive_panels(A, M, K, W, N, bias, act, R, C, threads, sizeof(float), K * NR * (long)sizeof(float), block_f32);
 }
 
 /* W [N][K] row-major -> [P][K][NR], zero columns past N. */
