@@ -10,7 +10,7 @@ import torch
 
 from promptfleet.platform.config import ModelConfig
 from promptfleet.platform.kv_cache import PackedBatch, SlotBatch, SlotKVCache, resolve_attention
-from promptfleet.platform.native_kernels import unavailable_reason
+from promptfleet.platform.native_kernels import unavailable_for, unavailable_reason
 
 CFG = ModelConfig(n_layer=1, n_head=4, n_embd=32, n_positions=64)
 H, D = CFG.n_head, CFG.head_dim
@@ -87,7 +87,8 @@ def test_packed_groups_attend_like_separate_batches():
 def test_resolve_attention_refuses_what_cannot_run_here():
     cpu = torch.device("cpu")
     assert resolve_attention("sdpa", cpu, torch.float32, 64) == "sdpa"
-    assert resolve_attention("auto", cpu, torch.bfloat16, 64) == "sdpa"  # the native kernel is fp32 only
+    bf16_native = unavailable_for(cpu, torch.bfloat16) is None  # needs AVX512-BF16
+    assert resolve_attention("auto", cpu, torch.bfloat16, 64) == ("avx512" if bf16_native else "sdpa")
     assert resolve_attention("auto", cpu, torch.float32, 64) == ("avx512" if unavailable_reason() is None else "sdpa")
     assert resolve_attention("auto", cpu, torch.float32, 8) == "sdpa"
     with pytest.raises(ValueError, match="avx512 attention kernel cannot run here: head_dim 8 is not a multiple of 16"):

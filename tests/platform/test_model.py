@@ -8,7 +8,7 @@ from transformers import GPT2LMHeadModel
 from promptfleet.platform.config import ModelConfig, resolve_dtype
 from promptfleet.platform.linear_kernels import onednn_linear_available, resolve_kernels
 from promptfleet.platform.model import DenseCache
-from promptfleet.platform.native_kernels import unavailable_reason
+from promptfleet.platform.native_kernels import unavailable_for, unavailable_reason
 from promptfleet.platform.random_checkpoint import make_random_checkpoint
 from promptfleet.platform.tokenizer import load_tokenizer
 from promptfleet.platform.weights import load_gpt2
@@ -25,6 +25,9 @@ ONEDNN = pytest.param("onednn", marks=pytest.mark.skipif(NO_ONEDNN, reason="this
 AVX512 = pytest.param("avx512", marks=pytest.mark.skipif(unavailable_reason() is not None,
                                                          reason=f"native kernel: {unavailable_reason()}"))
 KERNELS = ["torch", ONEDNN, AVX512]
+BF16_NATIVE = unavailable_for(torch.device("cpu"), torch.bfloat16)
+AVX512_BF16 = pytest.param("avx512", marks=pytest.mark.skipif(BF16_NATIVE is not None,
+                                                              reason=f"native bf16: {BF16_NATIVE}"))
 
 
 @pytest.mark.parametrize("kernels", KERNELS)
@@ -72,7 +75,7 @@ def test_dtypes():
         resolve_dtype("cpu", "float16")
 
 
-@pytest.mark.parametrize("kernels", ["torch", ONEDNN])
+@pytest.mark.parametrize("kernels", ["torch", ONEDNN, AVX512_BF16])
 def test_bfloat16_on_cpu_runs(tiny_checkpoint, kernels):
     model = load_gpt2(tiny_checkpoint, dtype=torch.bfloat16, linear_kernels=kernels)
     fp32 = load_gpt2(tiny_checkpoint)
@@ -85,10 +88,10 @@ def test_bfloat16_on_cpu_runs(tiny_checkpoint, kernels):
 def test_auto_kernels_pick_the_fastest_that_runs_and_refuse_unknown_names(tiny_checkpoint):
     expected = "avx512" if unavailable_reason() is None else "torch" if NO_ONEDNN else "onednn"
     assert load_gpt2(tiny_checkpoint).linear_kernels == expected
-    bf16 = "torch" if NO_ONEDNN else "onednn"  # the native kernel is fp32 only
+    bf16 = "avx512" if BF16_NATIVE is None else "torch" if NO_ONEDNN else "onednn"  # native bf16: AVX512-BF16
     assert load_gpt2(tiny_checkpoint, dtype=torch.bfloat16).linear_kernels == bf16
-    with pytest.raises(ValueError, match="avx512 linear kernel cannot run here: they run float32 on CPU"):
-        resolve_kernels("avx512", torch.device("cpu"), torch.bfloat16)
+    with pytest.raises(ValueError, match=r"avx512 linear kernel cannot run here: they run float32 \(or bfloat16\) on CPU"):
+        resolve_kernels("avx512", torch.device("cpu"), torch.float16)
     assert resolve_kernels("auto", torch.device("cuda"), torch.float16) == "torch"
     with pytest.raises(ValueError, match="oneDNN linears need a CPU"):
         resolve_kernels("onednn", torch.device("cuda"), torch.float16)

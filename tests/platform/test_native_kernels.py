@@ -70,7 +70,7 @@ def test_bad_calls_are_refused():
     with pytest.raises(ValueError, match="bad native GEMM call"):
         gemm.linear(torch.randn(8, 15), packed, 48)  # inner size of another weight
     with pytest.raises(ValueError, match="float32 CPU weights"):
-        gemm.pack(torch.randn(48, 16, dtype=torch.bfloat16))
+        gemm.pack(torch.randn(48, 16, dtype=torch.float16))
 
 
 @needs_kernel

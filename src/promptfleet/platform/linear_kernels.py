@@ -1,6 +1,7 @@
 """Inference linears on packed weights (CPU): our AVX-512 kernel, or oneDNN.
 
-``avx512`` (``native_kernels.py``, fp32 only) is the fastest at decode: measured on the
+``avx512`` (``native_kernels.py``; fp32, and bf16 on CPUs with AVX512-BF16) is the
+fastest at decode: measured on the
 2-core Intel Xeon (AMX-capable, fp32 peak ~330 GFLOP/s) for GPT-2-small's linears at 32
 rows with weights cold in DRAM, 214-272 GFLOP/s against oneDNN's 167-186 and MKL's
 131-154, because it keeps the weight stream going while it computes (see the C file).
@@ -16,7 +17,7 @@ outputs of size ~30). The MLP's GELU is fused into the packed ``c_fc``.
 (oneDNN) or a ``NativeLinear`` (``native_layers.py``; with ``avx512`` the layer norms
 become ``NativeLayerNorm`` too) and gives the model a packed copy of the tied LM head; ``kernels="torch"`` keeps plain
 PyTorch (and is what every non-CPU device gets). ``auto`` takes ``avx512`` where it
-builds (fp32), else ``onednn`` (fp32, bf16), else ``torch``.
+builds for the dtype, else ``onednn`` (fp32, bf16), else ``torch``.
 """
 from __future__ import annotations
 
@@ -152,7 +153,7 @@ def pack_linears(model: GPT2, kernels: str = "auto") -> str:
         # every packed weight in one huge-page arena, in the order a forward reads them
         shapes = [lin.weight.shape for b in model.blocks for lin in (b.c_attn, b.attn_proj, b.c_fc, b.mlp_proj)]
         sizes = [gemm.packed_numel(*shape) for shape in [*shapes, weight.shape]]
-        slices = iter(huge_page_empty(sum(sizes)).split(sizes))
+        slices = iter(huge_page_empty(sum(sizes), weight.dtype).split(sizes))
 
         def wrap(linear: nn.Linear | torch.Tensor, activation: str | None = None) -> nn.Module:
             return NativeLinear(linear, gemm, activation=activation, out=next(slices))
@@ -166,7 +167,7 @@ def pack_linears(model: GPT2, kernels: str = "auto") -> str:
         block.fused_activation = True
         block.mlp_proj = wrap(block.mlp_proj)
     model.lm_head = wrap(weight)  # a packed copy; wte itself still serves lookups
-    if chosen == "avx512":
+    if chosen == "avx512" and weight.dtype == torch.float32:  # the layer norm kernel is fp32 only
         for block in model.blocks:
             block.ln_1, block.ln_2 = NativeLayerNorm(block.ln_1, gemm), NativeLayerNorm(block.ln_2, gemm)
         model.ln_f = NativeLayerNorm(model.ln_f, gemm)

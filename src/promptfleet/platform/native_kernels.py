@@ -1,5 +1,6 @@
-"""The engine's AVX-512 fp32 CPU kernels (``csrc/*.c``): the linears' GEMM (with the
-activation and residual add fused), layer norm, decode attention and greedy argmax. Compiled once per machine into one shared library, called through ctypes
+"""The engine's AVX-512 CPU kernels (``csrc/*.c``): the linears' GEMM (with the
+activation and residual add fused), layer norm, decode attention and greedy argmax, in
+fp32; the GEMM and decode attention also in bf16 where the CPU has AVX512-BF16. Compiled once per machine into one shared library, called through ctypes
 (which releases the GIL for the call).
 
 Built with the machine's C compiler on first use into ``$XDG_CACHE_HOME/promptfleet/
@@ -35,7 +36,8 @@ log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).parent / "csrc"
 SOURCES = tuple(CSRC / name for name in
-                ("gemm_avx512.c", "layernorm_avx512.c", "decode_attention_avx512.c", "argmax_avx512.c"))
+                ("gemm_avx512.c", "gemm_bf16_avx512.c", "layernorm_avx512.c", "decode_attention_avx512.c",
+                 "argmax_avx512.c"))
 HEADERS = (CSRC / "vec_math_avx512.h", CSRC / "gemm_panels.h")
 # activations the GEMM applies in its epilogue (our names -> the C enum); others run after it
 FUSED_ACTIVATIONS = {"gelu_new": 1, "gelu_pytorch_tanh": 1, "gelu_fast": 1, "relu": 2}
@@ -57,11 +59,19 @@ def _loaded_libgomp() -> Path:
     return Path(paths.pop())
 
 
-def _cpu_has_avx512f() -> bool:
+BF16_FLAGS = ("avx512_bf16", "avx512bw", "avx512vl")  # what the bf16 GEMM's target attribute uses
+
+
+def _cpu_flags() -> set[str]:
     try:
-        return any(line.startswith("flags") and " avx512f" in line for line in open("/proc/cpuinfo"))
+        with open("/proc/cpuinfo") as info:
+            return next((set(line.split(":", 1)[1].split()) for line in info if line.startswith("flags")), set())
     except OSError:
-        return False
+        return set()
+
+
+def _cpu_has_avx512f() -> bool:
+    return "avx512f" in _cpu_flags()
 
 
 def _cache_dir() -> Path:
@@ -126,43 +136,55 @@ class NativeKernels:
     path: Path
     panel_width: int  # NR: columns per packed panel
     row_block: int    # MR: ``linear`` takes a multiple of this many rows
+    bf16: bool = False  # the CPU has AVX512-BF16/BW/VL: bf16 GEMM and attention run
 
     def packed_numel(self, out_features: int, in_features: int) -> int:
         return -(-out_features // self.panel_width) * self.panel_width * in_features
 
+    def supports(self, dtype: torch.dtype) -> bool:
+        return dtype == torch.float32 or (dtype == torch.bfloat16 and self.bf16)
+
     def pack(self, weight: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        """``[N, K]`` fp32 weight -> the kernel's panel layout: a flat fp32 tensor, ``out``
-        when given (``packed_numel`` elements, e.g. a slice of one arena for all weights)."""
-        if weight.dtype != torch.float32 or weight.device.type != "cpu" or weight.dim() != 2:
-            raise ValueError(f"native GEMM packs 2-D float32 CPU weights (got {weight.dtype}, {weight.device})")
+        """``[N, K]`` weight (fp32, or bf16 with K even) -> the kernel's panel layout: a flat
+        tensor of the weight's dtype, ``out`` when given (``packed_numel`` elements, e.g. a
+        slice of one arena for all weights)."""
+        if not self.supports(weight.dtype) or weight.device.type != "cpu" or weight.dim() != 2:
+            raise ValueError(f"native GEMM packs 2-D float32 CPU weights, or bfloat16 ones on a CPU with "
+                             f"AVX512-BF16 (got {weight.dtype}, {weight.device})")
         weight = weight.detach().contiguous()
         n, k = weight.shape
+        if weight.dtype == torch.bfloat16 and k % 2:
+            raise ValueError(f"the bf16 GEMM pairs the inner dimension: it must be even (got {k})")
         numel = self.packed_numel(n, k)
         if out is None:
-            out = torch.empty(numel, dtype=torch.float32)
-        elif out.shape != (numel,) or out.dtype != torch.float32 or not out.is_contiguous():
-            raise ValueError(f"pack needs a contiguous float32 buffer of {numel} elements")
-        self.lib.pf_pack(weight.data_ptr(), n, k, out.data_ptr())
+            out = torch.empty(numel, dtype=weight.dtype)
+        elif out.shape != (numel,) or out.dtype != weight.dtype or not out.is_contiguous():
+            raise ValueError(f"pack needs a contiguous {weight.dtype} buffer of {numel} elements")
+        pack = self.lib.pf_pack if weight.dtype == torch.float32 else self.lib.pf_pack_bf16
+        pack(weight.data_ptr(), n, k, out.data_ptr())
         return out
 
     def linear(self, x: torch.Tensor, packed: torch.Tensor, out_features: int, bias: torch.Tensor | None = None,
                *, activation: str | None = None, residual: torch.Tensor | None = None) -> torch.Tensor:
-        """``act(x @ W.T + bias) + residual`` for 2-D fp32 ``x`` with a row count that is a
-        multiple of ``row_block``; ``activation`` one of ``FUSED_ACTIVATIONS`` or None,
-        ``residual`` (optional) shaped like the output."""
+        """``act(x @ W.T + bias) + residual`` for 2-D ``x`` (the packed weight's dtype) with a
+        row count that is a multiple of ``row_block``; ``activation`` one of
+        ``FUSED_ACTIVATIONS`` or None, ``residual`` (optional) shaped like the output."""
         m, k = x.shape
-        if (m % self.row_block or x.dtype != torch.float32 or packed.numel() % (k * self.panel_width)
+        dtype = packed.dtype
+        if (m % self.row_block or x.dtype != dtype or packed.numel() % (k * self.panel_width)
                 or (activation is not None and activation not in FUSED_ACTIVATIONS)
-                or (residual is not None and (residual.shape != (m, out_features) or residual.dtype != torch.float32))):
-            raise ValueError(f"bad native GEMM call: x {tuple(x.shape)} {x.dtype}, packed {packed.numel()}, "
+                or (bias is not None and bias.dtype != dtype)
+                or (residual is not None and (residual.shape != (m, out_features) or residual.dtype != dtype))):
+            raise ValueError(f"bad native GEMM call: x {tuple(x.shape)} {x.dtype}, packed {packed.numel()} {dtype}, "
                              f"activation {activation!r}, residual {None if residual is None else tuple(residual.shape)}")
         x = x.contiguous()
         if residual is not None:
             residual = residual.contiguous()
-        out = torch.empty(m, out_features, dtype=torch.float32)
-        self.lib.pf_linear(x.data_ptr(), m, k, packed.data_ptr(), out_features,
-                           None if bias is None else bias.data_ptr(), FUSED_ACTIVATIONS.get(activation, 0),
-                           None if residual is None else residual.data_ptr(), out.data_ptr(), torch.get_num_threads())
+        out = torch.empty(m, out_features, dtype=dtype)
+        gemm = self.lib.pf_linear if dtype == torch.float32 else self.lib.pf_linear_bf16
+        gemm(x.data_ptr(), m, k, packed.data_ptr(), out_features, None if bias is None else bias.data_ptr(),
+             FUSED_ACTIVATIONS.get(activation, 0), None if residual is None else residual.data_ptr(), out.data_ptr(),
+             torch.get_num_threads())
         return out
 
     def layer_norm(self, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
@@ -184,27 +206,30 @@ class NativeKernels:
                          lens: torch.Tensor, k_new: torch.Tensor | None = None,
                          v_new: torch.Tensor | None = None) -> torch.Tensor:
         """Softmax attention of ``q`` ``[B, H, D]`` over the first ``lens[b]`` positions of
-        cache slot ``slot0 + b`` (caches ``[slots, positions, H, D]``, fp32, contiguous);
+        cache slot ``slot0 + b`` (caches ``[slots, positions, H, D]``, contiguous; fp32, or
+        bf16 where ``supports`` it, with fp32 arithmetic);
         returns ``[B, H, D]``. ``k_new``/``v_new`` (``[B, H, D]``), when given, are stored
         at position ``lens[b] - 1`` first: this step's token. ``q``/``k_new``/``v_new`` may
         be row-strided views (e.g. of one fused qkv output): read in place, not copied."""
         b, h, d = q.shape
         slots, positions = k_cache.shape[:2]
         new = [t for t in (k_new, v_new) if t is not None]
-        if (q.dtype != torch.float32 or k_cache.dtype != torch.float32 or k_cache.shape != v_cache.shape
+        dtype = k_cache.dtype
+        if (not self.supports(dtype) or q.dtype != dtype or v_cache.dtype != dtype or k_cache.shape != v_cache.shape
                 or k_cache.shape[2:] != (h, d) or d % 16 or not (k_cache.is_contiguous() and v_cache.is_contiguous())
                 or lens.dtype != torch.int32 or lens.shape != (b,) or not 0 <= slot0 <= slots - b
-                or len(new) == 1 or any(t.shape != q.shape or t.dtype != torch.float32 for t in new)):
+                or len(new) == 1 or any(t.shape != q.shape or t.dtype != dtype for t in new)):
             raise ValueError(f"bad native attention call: q {tuple(q.shape)} {q.dtype}, cache {tuple(k_cache.shape)}")
         rows = [q, *new]
         if not all(t.stride(1) == d and t.stride(2) == 1 and t.stride(0) == q.stride(0) >= h * d for t in rows):
             rows = [t.contiguous() for t in rows]  # one row stride for all, heads dense within a row
         q, k_new, v_new = rows if new else (rows[0], None, None)
-        out = torch.empty(b, h, d, dtype=torch.float32)
+        out = torch.empty(b, h, d, dtype=dtype)
         rc = self.lib.pf_decode_attention(q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), positions * h * d,
                                           slot0, lens.data_ptr(), None if k_new is None else k_new.data_ptr(),
                                           None if v_new is None else v_new.data_ptr(), q.stride(0), b, h, d, positions,
-                                          1.0 / math.sqrt(d), out.data_ptr(), torch.get_num_threads())
+                                          1.0 / math.sqrt(d), out.data_ptr(), int(dtype == torch.bfloat16),
+                                          torch.get_num_threads())
         if rc != 0:
             raise ValueError(f"native attention refused lengths {lens.tolist()} (cache holds {positions}) "
                              "or could not get scratch memory")
@@ -225,21 +250,22 @@ HUGE_PAGE = 2 << 20
 MADV_HUGEPAGE = 14  # Linux
 
 
-def huge_page_empty(numel: int) -> torch.Tensor:
-    """An uninitialised float32 tensor on 2 MB-aligned memory advised for transparent huge
+def huge_page_empty(numel: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """An uninitialised 1-D tensor on 2 MB-aligned memory advised for transparent huge
     pages before anything touches it. The packed weights are streamed from DRAM every
     decode step; on 4 KB pages that is 122k TLB misses a step for GPT-2-small, and huge
     pages made a whole model's linears 3-5% faster, side by side. Where THP is off or
     ``madvise`` fails, plain pages: same numbers, a little slower."""
-    span = -(-numel * 4 // HUGE_PAGE) * HUGE_PAGE
-    buf = torch.empty((span + HUGE_PAGE) // 4, dtype=torch.float32)  # untouched: no page is resident yet
+    size = torch.empty(0, dtype=dtype).element_size()
+    span = -(-numel * size // HUGE_PAGE) * HUGE_PAGE
+    buf = torch.empty((span + HUGE_PAGE) // size, dtype=dtype)  # untouched: no page is resident yet
     start = -(-buf.data_ptr() // HUGE_PAGE) * HUGE_PAGE
     if sys.platform == "linux":
         libc = ctypes.CDLL(None, use_errno=True)
         libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
         if libc.madvise(start, span, MADV_HUGEPAGE) != 0:
             log.debug("madvise(MADV_HUGEPAGE) failed: errno %d", ctypes.get_errno())
-    offset = (start - buf.data_ptr()) // 4
+    offset = (start - buf.data_ptr()) // size
     return buf[offset: offset + numel]  # a view: keeps buf's storage alive
 
 
@@ -248,18 +274,23 @@ def load(path: Path) -> NativeKernels:
     ptr, long_ = ctypes.c_void_p, ctypes.c_long
     lib.pf_linear.argtypes = [ptr, long_, long_, ptr, long_, ptr, ctypes.c_int, ptr, ptr, ctypes.c_int]
     lib.pf_linear.restype = None
+    lib.pf_linear_bf16.argtypes = lib.pf_linear.argtypes
+    lib.pf_linear_bf16.restype = None
+    lib.pf_pack_bf16.argtypes = [ptr, long_, long_, ptr]
+    lib.pf_pack_bf16.restype = None
     lib.pf_layer_norm.argtypes = [ptr, long_, long_, ptr, ptr, ctypes.c_float, ptr, ctypes.c_int]
     lib.pf_layer_norm.restype = None
     lib.pf_pack.argtypes = [ptr, long_, long_, ptr]
     lib.pf_pack.restype = None
     lib.pf_panel_width.restype = lib.pf_row_block.restype = ctypes.c_int
     lib.pf_decode_attention.argtypes = [ptr, ptr, ptr, long_, long_, ptr, ptr, ptr, long_, long_, long_, long_, long_,
-                                        ctypes.c_float, ptr, ctypes.c_int]
+                                        ctypes.c_float, ptr, ctypes.c_int, ctypes.c_int]
     lib.pf_decode_attention.restype = ctypes.c_int
     lib.pf_argmax_rows.argtypes = [ptr, long_, long_, ptr, ctypes.c_int]
     lib.pf_argmax_rows.restype = None
     _loaded_libgomp()  # still exactly one OpenMP runtime: ours is torch's
-    return NativeKernels(lib=lib, path=path, panel_width=lib.pf_panel_width(), row_block=lib.pf_row_block())
+    return NativeKernels(lib=lib, path=path, panel_width=lib.pf_panel_width(), row_block=lib.pf_row_block(),
+                         bf16=all(flag in _cpu_flags() for flag in BF16_FLAGS))
 
 
 @functools.cache
@@ -287,6 +318,10 @@ def unavailable_reason() -> str | None:
 
 def unavailable_for(device: torch.device, dtype: torch.dtype) -> str | None:
     """``None`` when the kernels run on tensors of this device and dtype, else why not."""
-    if device.type != "cpu" or dtype != torch.float32:
-        return f"they run float32 on CPU (got {device.type}, {dtype})"
-    return unavailable_reason()
+    if device.type != "cpu" or dtype not in (torch.float32, torch.bfloat16):
+        return f"they run float32 (or bfloat16) on CPU (got {device.type}, {dtype})"
+    reason = unavailable_reason()
+    if reason is None and dtype == torch.bfloat16 and not native_kernels().bf16:
+        missing = [flag for flag in BF16_FLAGS if flag not in _cpu_flags()]
+        return f"bfloat16 needs a CPU with {', '.join(BF16_FLAGS)} (this one lacks {', '.join(missing)})"
+    return reason

@@ -1,5 +1,6 @@
 """``nn.Module`` faces of the AVX-512 kernels (``native_kernels.py``) that ``pack_linears``
-puts into our GPT-2 in place of torch's (fp32 CPU inference only):
+puts into our GPT-2 in place of torch's (CPU inference only; fp32, and bf16 linears where
+the CPU has AVX512-BF16):
 
 - ``NativeLinear``: ``act(x @ W.T + b) + residual`` in one GEMM call; the tanh GELU or
   ReLU after ``c_fc`` and the residual add after each block's output projection run in the
@@ -29,8 +30,8 @@ def pad_rows(flat: torch.Tensor, rows: int) -> torch.Tensor:
 
 
 class NativeLinear(nn.Module):
-    """``y = act(x @ W.T + b) [+ residual]`` through ``native_kernels`` (fp32, inference
-    only). Rows are padded to the kernel's row block (8). Activations the kernel has
+    """``y = act(x @ W.T + b) [+ residual]`` through ``native_kernels`` (fp32 or bf16,
+    inference only). Rows are padded to the kernel's row block (8). Activations the kernel has
     (``FUSED_ACTIVATIONS``: tanh GELU, ReLU) run in its epilogue; any other (erf GELU)
     runs after it in torch."""
 

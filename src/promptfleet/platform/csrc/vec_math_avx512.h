@@ -35,6 +35,23 @@ static inline __m512 gelu_tanh512(__m512 x) {
     return _mm512_mask_mul_ps(y, huge, x, _mm512_setzero_ps());
 }
 
+/* 16 bf16 values (raw uint16 bits) at p as fp32: a bf16 is the top half of an fp32. */
+static inline __m512 bf16x16_load_f32(const void *p) {
+    __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+}
+
+/* 16 fp32 -> bf16 bits, rounded to nearest even like torch's .to(torch.bfloat16); NaN
+ * stays (a quiet) NaN. */
+static inline __m256i f32x16_to_bf16(__m512 x) {
+    __m512i bits = _mm512_castps_si512(x);
+    __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+    __m512i rounded = _mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF)));
+    __mmask16 nan = _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
+    rounded = _mm512_mask_mov_epi32(rounded, nan, _mm512_or_si512(bits, _mm512_set1_epi32(0x400000)));
+    return _mm512_cvtepi32_epi16(_mm512_srli_epi32(rounded, 16));
+}
+
 static inline __mmask16 tail_mask(long left) { return left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1u); }
 
 #endif
