@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from promptfleet.platform.adapter import AdapterPrefix
 from promptfleet.platform.config import ModelConfig
+from promptfleet.platform.native_decode import DecodePlan
 from promptfleet.platform.native_kernels import NativeKernels, native_kernels, unavailable_for
 
 ATTENTION = ("auto", "sdpa", "flash", "avx512")
@@ -195,6 +196,14 @@ class PackedBatch:
     def __init__(self, groups: list[SlotBatch]) -> None:
         self.groups = groups
         self.sizes = [g.B * g.T for g in groups]
+
+    def native_decode_plan(self) -> DecodePlan | None:
+        """The plan for ``native_decode`` when this step is one group of one-token rows on
+        the native attention path (a decode-only step), else None."""
+        if len(self.groups) != 1 or self.groups[0].native_lens is None:
+            return None
+        g = self.groups[0]
+        return DecodePlan(k=g.cache.k, v=g.cache.v, slot0=g.slot0, lens=g.native_lens)
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         heads, dim = q.shape[2], q.shape[3]

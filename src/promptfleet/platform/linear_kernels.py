@@ -28,6 +28,7 @@ from torch import nn
 
 from promptfleet.platform.model import GPT2
 from promptfleet.platform.native_kernels import huge_page_empty, native_kernels, unavailable_for
+from promptfleet.platform.native_decode import NativeDecode
 from promptfleet.platform.native_layers import NativeLayerNorm, NativeLinear, pad_rows, weight_and_bias
 
 log = logging.getLogger(__name__)
@@ -171,6 +172,8 @@ def pack_linears(model: GPT2, kernels: str = "auto") -> str:
         for block in model.blocks:
             block.ln_1, block.ln_2 = NativeLayerNorm(block.ln_1, gemm), NativeLayerNorm(block.ln_2, gemm)
         model.ln_f = NativeLayerNorm(model.ln_f, gemm)
+    if chosen == "avx512":
+        model.native_decode = NativeDecode.for_model(model, gemm)
     model.linear_kernels = chosen
     if chosen == "onednn":
         # blocks share their four weight shapes: warming one block's linears compiles them all
