@@ -188,3 +188,27 @@ async def test_prompts_of_different_lengths_are_prefilled_without_padding(small_
     prefill = [groups for groups in seen if groups][0]
     assert prefill == [(1, 3), (2, 9), (1, 20)]
     assert sum(rows * width for rows, width in prefill) == 41
+
+
+async def test_bf16_engine_mixed_batch_answers_as_alone_and_near_fp32(small_checkpoint, peft_adapters):
+    """bf16 on CPU (the native bf16 kernels where the CPU has AVX512-BF16, else oneDNN): a
+    mixed batch of adapters gives each request its tokens alone, and greedy text close to
+    the fp32 engine's (bf16 rounding may flip a late near-tie, not most tokens)."""
+    engines = {dtype: Engine.from_pretrained(small_checkpoint, EngineConfig(max_batch_size=16, dtype=dtype))
+               for dtype in ("bfloat16", "float32")}
+    try:
+        for engine in engines.values():
+            for name in ("pt_a", "prefix"):
+                engine.add_adapter(name, load_adapter_dir(peft_adapters[name]))
+        params = SamplingParams(max_tokens=12, temperature=0, detect_repetition=False)
+        requests = [("Mixed batches", "pt_a"), ("share one pass", "prefix"), ("in bf16 too", None)]
+        bf16 = engines["bfloat16"]
+        alone = [(await bf16.complete(p, params, adapter=a)).token_ids for p, a in requests]
+        together = await asyncio.gather(*[bf16.complete(p, params, adapter=a) for p, a in requests])
+        assert [t.token_ids for t in together] == alone
+        fp32 = [(await engines["float32"].complete(p, params, adapter=a)).token_ids for p, a in requests]
+        same = sum(x == y for b, f in zip(alone, fp32) for x, y in zip(b, f))
+        assert same >= 0.75 * sum(len(f) for f in fp32), (alone, fp32)
+    finally:
+        for engine in engines.values():
+            engine.stop()
