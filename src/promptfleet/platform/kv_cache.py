@@ -12,10 +12,11 @@ are written, so memory follows use; admission is bounded by a token budget (``Sc
 
 Attention backends (``resolve_attention``): ``flash`` (flash-attn, CUDA fp16/bf16),
 ``sdpa`` (torch SDPA), and ``avx512`` on CPU (fp32; bf16 where the CPU has AVX512-BF16):
-SDPA for prompt chunks, and decode
-groups (one new token per row) through ``native_kernels``' decode attention, which reads
-each row's keys and values front to back once (8.2 vs 12.5 ms for SDPA over 12 layers at
-batch 32, 84 positions: 24 vs 15 GB/s).
+SDPA for prompt chunks, and decode groups (one new token per row) through
+``native_kernels``' decode attention, which reads each row's keys and values front to
+back once (8.2 vs 12.5 ms for SDPA over 12 layers at batch 32, 84 positions: 24 vs 15
+GB/s). A step that is one such group hands ``native_decode`` its plan
+(``PackedBatch.native_decode_plan``).
 """
 from __future__ import annotations
 

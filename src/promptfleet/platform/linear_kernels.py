@@ -14,10 +14,12 @@ packed once into its blocked layout, the same fp32 arithmetic (max |diff| ~1e-4 
 outputs of size ~30). The MLP's GELU is fused into the packed ``c_fc``.
 
 ``pack_linears(model)`` swaps every block's ``nn.Linear`` for a ``PackedLinear``
-(oneDNN) or a ``NativeLinear`` (``native_layers.py``; with ``avx512`` the layer norms
-become ``NativeLayerNorm`` too) and gives the model a packed copy of the tied LM head; ``kernels="torch"`` keeps plain
-PyTorch (and is what every non-CPU device gets). ``auto`` takes ``avx512`` where it
-builds for the dtype, else ``onednn`` (fp32, bf16), else ``torch``.
+(oneDNN) or a ``NativeLinear`` (``native_layers.py``; with ``avx512`` in fp32 the layer
+norms become ``NativeLayerNorm`` too, and decode-only steps run through
+``native_decode.NativeDecode``) and gives the model a packed copy of the tied LM head;
+``kernels="torch"`` keeps plain PyTorch (and is what every non-CPU device gets). ``auto``
+takes ``avx512`` where it builds for the dtype, else ``onednn`` (fp32, bf16), else
+``torch``.
 """
 from __future__ import annotations
 
