@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from promptfleet.platform.native_layers import NativeLinear
-from promptfleet.platform.native_kernels import KernelUnavailable, build_library, native_kernels, unavailable_reason
+from promptfleet.platform.native_kernels import native_kernels, unavailable_reason
 
 needs_kernel = pytest.mark.skipif(unavailable_reason() is not None, reason=f"native kernel: {unavailable_reason()}")
 
@@ -74,24 +74,6 @@ def test_bad_calls_are_refused():
 
 
 @needs_kernel
-def test_build_is_cached_by_content(tmp_path):
-    first = build_library(cache_dir=tmp_path)
-    stamp = first.stat().st_mtime_ns
-    assert build_library(cache_dir=tmp_path) == first and first.stat().st_mtime_ns == stamp
-    assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no temp files left behind
-
-
-def test_a_missing_or_failing_compiler_is_a_clear_refusal(tmp_path):
-    if unavailable_reason() is not None and "compiler" not in unavailable_reason():
-        pytest.skip(f"refused before the compiler is asked: {unavailable_reason()}")
-    with pytest.raises(KernelUnavailable, match="no C compiler 'no-such-cc'"):
-        build_library(compiler="no-such-cc", cache_dir=tmp_path)
-    with pytest.raises(KernelUnavailable, match="compiling the AVX-512 kernels failed"):
-        build_library(compiler="false", cache_dir=tmp_path)
-    assert list(tmp_path.iterdir()) == []
-
-
-@needs_kernel
 @pytest.mark.parametrize("heads, dim", [(12, 64), (3, 16), (25, 64)])
 def test_decode_attention_matches_float64(heads, dim):
     kernels = native_kernels()
@@ -125,25 +107,6 @@ def test_decode_attention_refuses_bad_calls():
         kernels.decode_attention(q.bfloat16(), k_cache, k_cache, 0, lens)
     with pytest.raises(ValueError, match="bad native attention call"):
         kernels.decode_attention(torch.zeros(2, 2, 8), torch.zeros(4, 10, 2, 8), torch.zeros(4, 10, 2, 8), 0, lens)
-
-
-def test_a_shared_fallback_cache_dir_is_never_trusted(tmp_path, monkeypatch):
-    """With no usable ~/.cache the build goes to the temp dir, but only into a directory
-    this user owns that nobody else can write: a library planted there is not loaded."""
-    import os
-    import tempfile
-
-    from promptfleet.platform.native_kernels import _cache_dir
-
-    blocker = tmp_path / "not-a-dir"
-    blocker.write_text("")
-    monkeypatch.setenv("XDG_CACHE_HOME", str(blocker))
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
-    private = _cache_dir()
-    assert private == tmp_path / f"promptfleet-kernels-{os.getuid()}" and private.stat().st_mode & 0o777 == 0o700
-    private.chmod(0o777)
-    with pytest.raises(KernelUnavailable, match="not a private directory"):
-        _cache_dir()
 
 
 @needs_kernel

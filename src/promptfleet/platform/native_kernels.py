@@ -1,13 +1,9 @@
 """The engine's AVX-512 CPU kernels (``csrc/*.c``): the linears' GEMM (with the
 activation and residual add fused), layer norm, decode attention and greedy argmax, in
-fp32; the GEMM and decode attention also in bf16 where the CPU has AVX512-BF16. Compiled once per machine into one shared library, called through ctypes
-(which releases the GIL for the call).
-
-Built with the machine's C compiler on first use into ``$XDG_CACHE_HOME/promptfleet/
-kernels`` (``~/.cache/...``; the temp dir if that is not writable), under a name that
-hashes the source, the flags and the compiler, so an edit or a new compiler rebuilds.
-It links the OpenMP runtime torch itself loaded, so its threads are torch's threads
-(two runtimes would each keep their own pool spinning on the same two cores).
+fp32; the GEMM and decode attention also in bf16 where the CPU has AVX512-BF16.
+Compiled once per machine into one shared library (``native_build.py``), called through
+ctypes (which releases the GIL for the call). The library links the OpenMP runtime torch
+itself loaded, so its threads are torch's threads.
 
 Anything missing (not x86-64 Linux, no AVX-512F, no compiler, no libgomp in this
 process, a failed compile) raises ``KernelUnavailable`` saying which; ``linear_kernels``
@@ -17,113 +13,22 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
 import logging
 import math
-import os
-import platform
-import shutil
-import stat
-import subprocess
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from promptfleet.platform.native_build import BF16_FLAGS, KernelUnavailable, build_library, cpu_flags, loaded_libgomp
+
 log = logging.getLogger(__name__)
 
-CSRC = Path(__file__).parent / "csrc"
-SOURCES = tuple(CSRC / name for name in
-                ("gemm_avx512.c", "gemm_bf16_avx512.c", "layernorm_avx512.c", "decode_attention_avx512.c",
-                 "argmax_avx512.c"))
-HEADERS = (CSRC / "vec_math_avx512.h", CSRC / "gemm_panels.h")
+__all__ = ["FUSED_ACTIVATIONS", "KernelUnavailable", "NativeKernels", "build_library", "huge_page_empty",
+           "native_kernels", "unavailable_for", "unavailable_reason"]
 # activations the GEMM applies in its epilogue (our names -> the C enum); others run after it
 FUSED_ACTIVATIONS = {"gelu_new": 1, "gelu_pytorch_tanh": 1, "gelu_fast": 1, "relu": 2}
-FLAGS = ("-O3", "-mavx512f", "-mfma", "-fopenmp", "-shared", "-fPIC", "-std=gnu11")
-
-
-class KernelUnavailable(RuntimeError):
-    """The native kernel cannot run here; the message says why."""
-
-
-def _loaded_libgomp() -> Path:
-    try:
-        maps = Path("/proc/self/maps").read_text()
-    except OSError as exc:
-        raise KernelUnavailable(f"cannot read /proc/self/maps to find torch's OpenMP runtime: {exc}") from exc
-    paths = {line.split()[-1] for line in maps.splitlines() if "/libgomp" in line}
-    if len(paths) != 1:
-        raise KernelUnavailable(f"expected torch's one libgomp in this process, found {sorted(paths) or 'none'}")
-    return Path(paths.pop())
-
-
-BF16_FLAGS = ("avx512_bf16", "avx512bw", "avx512vl")  # what the bf16 GEMM's target attribute uses
-
-
-def _cpu_flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo") as info:
-            return next((set(line.split(":", 1)[1].split()) for line in info if line.startswith("flags")), set())
-    except OSError:
-        return set()
-
-
-def _cpu_has_avx512f() -> bool:
-    return "avx512f" in _cpu_flags()
-
-
-def _cache_dir() -> Path:
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "promptfleet" / "kernels"
-    try:
-        base.mkdir(parents=True, exist_ok=True)
-        if os.access(base, os.W_OK):
-            return base
-    except OSError:
-        pass
-    fallback = Path(tempfile.gettempdir()) / f"promptfleet-kernels-{os.getuid()}"
-    fallback.mkdir(mode=0o700, exist_ok=True)
-    st = fallback.lstat()
-    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o022:
-        # a shared temp dir: a library someone else could have put there is never loaded
-        raise KernelUnavailable(f"{fallback} is not a private directory of this user")
-    return fallback
-
-
-def build_library(*, compiler: str | None = None, cache_dir: Path | None = None) -> Path:
-    """Compile ``SOURCES`` (or reuse the cached build); returns the shared library's path."""
-    if sys.platform != "linux" or platform.machine() not in ("x86_64", "AMD64"):
-        raise KernelUnavailable(f"x86-64 Linux only (this is {sys.platform} {platform.machine()})")
-    if not _cpu_has_avx512f():
-        raise KernelUnavailable("this CPU has no AVX-512F")
-    cc = compiler or os.environ.get("CC") or "cc"
-    cc_path = shutil.which(cc)
-    if cc_path is None:
-        raise KernelUnavailable(f"no C compiler {cc!r} on PATH (set CC)")
-    gomp = _loaded_libgomp()
-    try:
-        version = subprocess.run([cc_path, "--version"], capture_output=True, text=True, timeout=30).stdout
-    except (OSError, subprocess.SubprocessError) as exc:
-        raise KernelUnavailable(f"C compiler {cc_path} does not run: {exc}") from exc
-    flags = (*FLAGS, f"-L{gomp.parent}", f"-Wl,-rpath,{gomp.parent}")
-    code = b"".join(src.read_bytes() for src in (*SOURCES, *HEADERS))
-    digest = hashlib.sha256(code + repr((flags, version)).encode()).hexdigest()[:16]
-    target = (cache_dir or _cache_dir()) / f"promptfleet_avx512-{digest}.so"
-    if target.exists():
-        return target
-    tmp = target.with_name(f"{target.name}.{os.getpid()}.tmp")
-    cmd = [cc_path, *flags, *map(str, SOURCES), "-o", str(tmp)]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-    except (OSError, subprocess.SubprocessError) as exc:
-        raise KernelUnavailable(f"compiling the AVX-512 kernels failed: {exc}") from exc
-    if proc.returncode != 0:
-        tmp.unlink(missing_ok=True)
-        raise KernelUnavailable(f"compiling the AVX-512 kernels failed: {proc.stderr.strip()[-800:]}")
-    os.replace(tmp, target)  # atomic: a concurrent build writes the same bytes
-    log.info("compiled the AVX-512 kernels -> %s", target)
-    return target
 
 
 @dataclass(frozen=True)
@@ -288,9 +193,9 @@ def load(path: Path) -> NativeKernels:
     lib.pf_decode_attention.restype = ctypes.c_int
     lib.pf_argmax_rows.argtypes = [ptr, long_, long_, ptr, ctypes.c_int]
     lib.pf_argmax_rows.restype = None
-    _loaded_libgomp()  # still exactly one OpenMP runtime: ours is torch's
+    loaded_libgomp()  # still exactly one OpenMP runtime: ours is torch's
     return NativeKernels(lib=lib, path=path, panel_width=lib.pf_panel_width(), row_block=lib.pf_row_block(),
-                         bf16=all(flag in _cpu_flags() for flag in BF16_FLAGS))
+                         bf16=all(flag in cpu_flags() for flag in BF16_FLAGS))
 
 
 @functools.cache
@@ -322,6 +227,6 @@ def unavailable_for(device: torch.device, dtype: torch.dtype) -> str | None:
         return f"they run float32 (or bfloat16) on CPU (got {device.type}, {dtype})"
     reason = unavailable_reason()
     if reason is None and dtype == torch.bfloat16 and not native_kernels().bf16:
-        missing = [flag for flag in BF16_FLAGS if flag not in _cpu_flags()]
+        missing = [flag for flag in BF16_FLAGS if flag not in cpu_flags()]
         return f"bfloat16 needs a CPU with {', '.join(BF16_FLAGS)} (this one lacks {', '.join(missing)})"
     return reason

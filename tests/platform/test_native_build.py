@@ -1,0 +1,47 @@
+"""Building the native kernels (native_build.py): a build is cached by content, a missing
+or failing compiler is a clear refusal, and a shared fallback cache dir is never trusted."""
+from __future__ import annotations
+
+import pytest
+
+from promptfleet.platform.native_build import KernelUnavailable, build_library
+from promptfleet.platform.native_kernels import unavailable_reason
+
+needs_kernel = pytest.mark.skipif(unavailable_reason() is not None, reason=f"native kernel: {unavailable_reason()}")
+
+
+@needs_kernel
+def test_build_is_cached_by_content(tmp_path):
+    first = build_library(cache_dir=tmp_path)
+    stamp = first.stat().st_mtime_ns
+    assert build_library(cache_dir=tmp_path) == first and first.stat().st_mtime_ns == stamp
+    assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no temp files left behind
+
+
+def test_a_missing_or_failing_compiler_is_a_clear_refusal(tmp_path):
+    if unavailable_reason() is not None and "compiler" not in unavailable_reason():
+        pytest.skip(f"refused before the compiler is asked: {unavailable_reason()}")
+    with pytest.raises(KernelUnavailable, match="no C compiler 'no-such-cc'"):
+        build_library(compiler="no-such-cc", cache_dir=tmp_path)
+    with pytest.raises(KernelUnavailable, match="compiling the AVX-512 kernels failed"):
+        build_library(compiler="false", cache_dir=tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_shared_fallback_cache_dir_is_never_trusted(tmp_path, monkeypatch):
+    """With no usable ~/.cache the build goes to the temp dir, but only into a directory
+    this user owns that nobody else can write: a library planted there is not loaded."""
+    import os
+    import tempfile
+
+    from promptfleet.platform.native_build import _cache_dir
+
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(blocker))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    private = _cache_dir()
+    assert private == tmp_path / f"promptfleet-kernels-{os.getuid()}" and private.stat().st_mode & 0o777 == 0o700
+    private.chmod(0o777)
+    with pytest.raises(KernelUnavailable, match="not a private directory"):
+        _cache_dir()
