@@ -45,3 +45,25 @@ def test_a_shared_fallback_cache_dir_is_never_trusted(tmp_path, monkeypatch):
     private.chmod(0o777)
     with pytest.raises(KernelUnavailable, match="not a private directory"):
         _cache_dir()
+
+
+@needs_kernel
+def test_a_compiler_without_bf16_intrinsics_still_builds_the_fp32_kernels(tmp_path):
+    """The bf16 GEMM compiles only where the compiler has AVX512-BF16 (GCC 10+, clang 9+);
+    without it the library still builds and loads, and says bf16 is unavailable."""
+    import shutil
+
+    import torch
+    import torch.nn.functional as F
+
+    from promptfleet.platform.native_kernels import load
+
+    wrapper = tmp_path / "old-cc"
+    wrapper.write_text(f'#!/bin/sh\nexec {shutil.which("cc")} -DPF_NO_BF16 "$@"\n')
+    wrapper.chmod(0o755)
+    (tmp_path / "cache").mkdir()
+    kernels = load(build_library(compiler=str(wrapper), cache_dir=tmp_path / "cache"))
+    assert kernels.bf16 is False and not kernels.supports(torch.bfloat16)
+    assert kernels.lib.pf_has_bf16() == 0
+    weight, x = torch.randn(48, 16), torch.randn(8, 16)
+    assert torch.allclose(kernels.linear(x, kernels.pack(weight), 48), F.linear(x, weight), atol=1e-5)

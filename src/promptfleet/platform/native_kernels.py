@@ -179,10 +179,13 @@ def load(path: Path) -> NativeKernels:
     ptr, long_ = ctypes.c_void_p, ctypes.c_long
     lib.pf_linear.argtypes = [ptr, long_, long_, ptr, long_, ptr, ctypes.c_int, ptr, ptr, ctypes.c_int]
     lib.pf_linear.restype = None
-    lib.pf_linear_bf16.argtypes = lib.pf_linear.argtypes
-    lib.pf_linear_bf16.restype = None
-    lib.pf_pack_bf16.argtypes = [ptr, long_, long_, ptr]
-    lib.pf_pack_bf16.restype = None
+    lib.pf_has_bf16.restype = ctypes.c_int
+    compiled_bf16 = bool(lib.pf_has_bf16())  # the compiler knew AVX512-BF16
+    if compiled_bf16:
+        lib.pf_linear_bf16.argtypes = lib.pf_linear.argtypes
+        lib.pf_linear_bf16.restype = None
+        lib.pf_pack_bf16.argtypes = [ptr, long_, long_, ptr]
+        lib.pf_pack_bf16.restype = None
     lib.pf_layer_norm.argtypes = [ptr, long_, long_, ptr, ptr, ctypes.c_float, ptr, ctypes.c_int]
     lib.pf_layer_norm.restype = None
     lib.pf_pack.argtypes = [ptr, long_, long_, ptr]
@@ -195,7 +198,7 @@ def load(path: Path) -> NativeKernels:
     lib.pf_argmax_rows.restype = None
     loaded_libgomp()  # still exactly one OpenMP runtime: ours is torch's
     return NativeKernels(lib=lib, path=path, panel_width=lib.pf_panel_width(), row_block=lib.pf_row_block(),
-                         bf16=all(flag in cpu_flags() for flag in BF16_FLAGS))
+                         bf16=compiled_bf16 and all(flag in cpu_flags() for flag in BF16_FLAGS))
 
 
 @functools.cache
@@ -228,5 +231,7 @@ def unavailable_for(device: torch.device, dtype: torch.dtype) -> str | None:
     reason = unavailable_reason()
     if reason is None and dtype == torch.bfloat16 and not native_kernels().bf16:
         missing = [flag for flag in BF16_FLAGS if flag not in cpu_flags()]
+        if not missing:
+            return "bfloat16 kernels need a compiler with AVX512-BF16 intrinsics (GCC 10+, clang 9+)"
         return f"bfloat16 needs a CPU with {', '.join(BF16_FLAGS)} (this one lacks {', '.join(missing)})"
     return reason

@@ -19,6 +19,13 @@
 
 #include "gemm_panels.h"
 
+/* AVX512-BF16 intrinsics need GCC 10 / clang 9; an older compiler (or -DPF_NO_BF16) still
+ * builds the rest of the library, with pf_has_bf16() = 0 so Python never asks for these. */
+#if !defined(PF_NO_BF16) && \
+    ((defined(__clang__) && __clang_major__ >= 9) || (!defined(__clang__) && defined(__GNUC__) && __GNUC__ >= 10))
+
+int pf_has_bf16(void) { return 1; }
+
 #define BF16_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
 
 BF16_TARGET static inline __m512 bf16x16_to_f32(__mmask16 mask, const uint16_t *p) {
@@ -88,3 +95,7 @@ void pf_pack_bf16(const uint16_t *W, long N, long K, uint16_t *out) {
                 o[1] = n < N ? W[n * K + 2 * k2 + 1] : 0;
             }
 }
+
+#else
+int pf_has_bf16(void) { return 0; }
+#endif
