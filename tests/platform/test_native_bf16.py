@@ -81,6 +81,27 @@ def test_bf16_decode_attention_matches_float64(heads, dim):
     assert torch.equal(k_cache, want_k) and torch.equal(v_cache, want_v)  # the step's token stored
 
 
+@pytest.mark.parametrize("shape", [(1, 768), (32, 768), (3, 5, 17), (300, 768)])
+@pytest.mark.parametrize("affine", [True, False])
+def test_bf16_layer_norm_is_as_close_as_torchs(shape, affine):
+    """Computed in fp32 and rounded once, like torch's bf16 layer norm: within one bf16
+    rounding of the float64 answer on the same bf16 inputs (tails past 16 and the threaded
+    path included)."""
+    gen = torch.Generator().manual_seed(shape[-1] + len(shape))
+    x = (torch.randn(*shape, generator=gen) * 3 + 50).bfloat16()
+    weight = torch.randn(shape[-1], generator=gen).bfloat16() if affine else None
+    bias = torch.randn(shape[-1], generator=gen).bfloat16() if affine else None
+    got = native_kernels().layer_norm(x, weight, bias, 1e-5)
+    xd = x.double()
+    ref = (xd - xd.mean(-1, keepdim=True)) / torch.sqrt(xd.var(-1, unbiased=False, keepdim=True) + 1e-5)
+    if affine:
+        ref = ref * weight.double() + bias.double()
+    assert got.dtype == torch.bfloat16 and got.shape == x.shape
+    assert ((got.double() - ref).abs() <= ref.abs() * 2**-8 + 1e-3).all()
+    want = F.layer_norm(x, (shape[-1],), weight, bias, 1e-5)
+    assert torch.allclose(got.float(), want.float(), rtol=2**-7, atol=1e-2)
+
+
 def test_bf16_model_is_as_close_to_fp32_as_transformers_bf16(tmp_path):
     from promptfleet.platform.random_checkpoint import make_random_checkpoint
 

@@ -101,9 +101,11 @@ def test_layer_norm_keeps_nan_to_its_row_and_refuses_other_tensors():
     got = native_kernels().layer_norm(x, None, None, 1e-5)
     assert got[2].isnan().all() and not got[[0, 1, 3]].isnan().any()
     with pytest.raises(ValueError, match="bad native layer norm call"):
-        native_kernels().layer_norm(x.to(torch.bfloat16), None, None, 1e-5)
+        native_kernels().layer_norm(x.to(torch.float16), None, None, 1e-5)
     with pytest.raises(ValueError, match="bad native layer norm call"):
         native_kernels().layer_norm(x, torch.ones(63), None, 1e-5)
+    with pytest.raises(ValueError, match="bad native layer norm call"):
+        native_kernels().layer_norm(x, torch.ones(64, dtype=torch.bfloat16), None, 1e-5)  # mixed dtypes
     with pytest.raises(ValueError, match="normalises one dimension"):
         NativeLayerNorm(nn.LayerNorm((4, 64)), native_kernels())
 

@@ -14,8 +14,8 @@ packed once into its blocked layout, the same fp32 arithmetic (max |diff| ~1e-4 
 outputs of size ~30). The MLP's GELU is fused into the packed ``c_fc``.
 
 ``pack_linears(model)`` swaps every block's ``nn.Linear`` for a ``PackedLinear``
-(oneDNN) or a ``NativeLinear`` (``native_layers.py``; with ``avx512`` in fp32 the layer
-norms become ``NativeLayerNorm`` too, and decode-only steps run through
+(oneDNN) or a ``NativeLinear`` (``native_layers.py``; with ``avx512`` the layer norms
+become ``NativeLayerNorm`` too, and decode-only steps run through
 ``native_decode.NativeDecode``) and gives the model a packed copy of the tied LM head;
 ``kernels="torch"`` keeps plain PyTorch (and is what every non-CPU device gets). ``auto``
 takes ``avx512`` where it builds for the dtype, else ``onednn`` (fp32, bf16), else
@@ -170,7 +170,7 @@ def pack_linears(model: GPT2, kernels: str = "auto") -> str:
         block.fused_activation = True
         block.mlp_proj = wrap(block.mlp_proj)
     model.lm_head = wrap(weight)  # a packed copy; wte itself still serves lookups
-    if chosen == "avx512" and weight.dtype == torch.float32:  # the layer norm kernel is fp32 only
+    if chosen == "avx512":
         for block in model.blocks:
             block.ln_1, block.ln_2 = NativeLayerNorm(block.ln_1, gemm), NativeLayerNorm(block.ln_2, gemm)
         model.ln_f = NativeLayerNorm(model.ln_f, gemm)

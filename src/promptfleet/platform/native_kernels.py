@@ -1,6 +1,6 @@
 """The engine's AVX-512 CPU kernels (``csrc/*.c``): the linears' GEMM (with the
 activation and residual add fused), layer norm, decode attention and greedy argmax, in
-fp32; the GEMM and decode attention also in bf16 where the CPU has AVX512-BF16.
+fp32; all but argmax also in bf16 where the CPU has AVX512-BF16.
 Compiled once per machine into one shared library (``native_build.py``), called through
 ctypes (which releases the GIL for the call). The library links the OpenMP runtime torch
 itself loaded, so its threads are torch's threads.
@@ -94,17 +94,20 @@ class NativeKernels:
 
     def layer_norm(self, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
                    eps: float) -> torch.Tensor:
-        """``F.layer_norm`` over the last dimension of an fp32 CPU tensor."""
+        """``F.layer_norm`` over the last dimension of a CPU tensor (fp32, or bf16 where
+        ``supports`` it: computed in fp32, rounded once)."""
         d = x.shape[-1]
-        if (x.dtype != torch.float32 or x.device.type != "cpu" or d == 0
-                or any(t is not None and (t.shape != (d,) or t.dtype != torch.float32 or not t.is_contiguous())
+        if (not self.supports(x.dtype) or x.device.type != "cpu" or d == 0
+                or any(t is not None and (t.shape != (d,) or t.dtype != x.dtype or not t.is_contiguous())
                        for t in (weight, bias))):
             raise ValueError(f"bad native layer norm call: x {tuple(x.shape)} {x.dtype} on {x.device}")
         x = x.contiguous()
         out = torch.empty_like(x)
-        self.lib.pf_layer_norm(x.data_ptr(), x.numel() // d, d, None if weight is None else weight.data_ptr(),
-                               None if bias is None else bias.data_ptr(), eps, out.data_ptr(),
-                               torch.get_num_threads())
+        rc = self.lib.pf_layer_norm(x.data_ptr(), x.numel() // d, d, None if weight is None else weight.data_ptr(),
+                                    None if bias is None else bias.data_ptr(), eps, out.data_ptr(),
+                                    int(x.dtype == torch.bfloat16), torch.get_num_threads())
+        if rc != 0:
+            raise MemoryError("native layer norm could not get scratch memory")
         return out
 
     def decode_attention(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot0: int,
@@ -186,8 +189,8 @@ def load(path: Path) -> NativeKernels:
         lib.pf_linear_bf16.restype = None
         lib.pf_pack_bf16.argtypes = [ptr, long_, long_, ptr]
         lib.pf_pack_bf16.restype = None
-    lib.pf_layer_norm.argtypes = [ptr, long_, long_, ptr, ptr, ctypes.c_float, ptr, ctypes.c_int]
-    lib.pf_layer_norm.restype = None
+    lib.pf_layer_norm.argtypes = [ptr, long_, long_, ptr, ptr, ctypes.c_float, ptr, ctypes.c_int, ctypes.c_int]
+    lib.pf_layer_norm.restype = ctypes.c_int
     lib.pf_pack.argtypes = [ptr, long_, long_, ptr]
     lib.pf_pack.restype = None
     lib.pf_panel_width.restype = lib.pf_row_block.restype = ctypes.c_int

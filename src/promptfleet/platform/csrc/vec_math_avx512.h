@@ -2,6 +2,7 @@
 #ifndef PROMPTFLEET_VEC_MATH_AVX512_H
 #define PROMPTFLEET_VEC_MATH_AVX512_H
 #include <immintrin.h>
+#include <stdint.h>
 
 /* exp(x): Cephes expf's range reduction and polynomial (relative error ~2e-7), 2^n applied
  * with scalef; x is clamped to +-88.38, so exp never overflows to inf (NaN comes out as a
@@ -50,6 +51,21 @@ static inline __m256i f32x16_to_bf16(__m512 x) {
     __mmask16 nan = _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
     rounded = _mm512_mask_mov_epi32(rounded, nan, _mm512_or_si512(bits, _mm512_set1_epi32(0x400000)));
     return _mm512_cvtepi32_epi16(_mm512_srli_epi32(rounded, 16));
+}
+
+/* Scalar bf16 <-> fp32 (raw uint16 bits), same rounding as the vector versions. */
+static inline float bf16_to_f32(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    __builtin_memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+static inline uint16_t f32_to_bf16(float f) {
+    uint32_t u;
+    __builtin_memcpy(&u, &f, sizeof u);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40u); /* NaN stays NaN */
+    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
 }
 
 static inline __mmask16 tail_mask(long left) { return left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1u); }
