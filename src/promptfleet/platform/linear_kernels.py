@@ -70,9 +70,9 @@ def onednn_linear_available(device: torch.device, dtype: torch.dtype) -> bool:
 
 
 def resolve_kernels(kernels: str, device: torch.device, dtype: torch.dtype) -> str:
-    """``auto`` -> ``avx512`` where it builds and runs (CPU, fp32), else ``onednn`` where
-    that is available, else ``torch``. Asking for one that cannot run here is an error
-    that says why."""
+    """``auto`` -> ``avx512`` where it builds and runs for the dtype (CPU; fp32, bf16 with
+    AVX512-BF16), else ``onednn`` where that is available, else ``torch``. Asking for one
+    that cannot run here is an error that says why."""
     if kernels not in KERNELS:
         raise ValueError(f"unknown linear kernels {kernels!r}; use one of {', '.join(KERNELS)}")
     if kernels in ("auto", "avx512"):
@@ -174,7 +174,6 @@ def pack_linears(model: GPT2, kernels: str = "auto") -> str:
         for block in model.blocks:
             block.ln_1, block.ln_2 = NativeLayerNorm(block.ln_1, gemm), NativeLayerNorm(block.ln_2, gemm)
         model.ln_f = NativeLayerNorm(model.ln_f, gemm)
-    if chosen == "avx512":
         model.native_decode = NativeDecode.for_model(model, gemm)
     model.linear_kernels = chosen
     if chosen == "onednn":

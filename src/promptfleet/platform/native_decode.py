@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from promptfleet.platform.native_kernels import FUSED_ACTIVATIONS, NativeKernels
-from promptfleet.platform.native_layers import NativeLinear
+from promptfleet.platform.native_layers import NativeLinear, pad_rows
 
 
 @dataclass(frozen=True)
@@ -57,19 +57,18 @@ class NativeDecode:
     def __init__(self, model, kernels: NativeKernels) -> None:
         self.kernels, self.blocks = kernels, model.blocks
         cfg = model.config
-        self.d, self.heads = cfg.n_embd, cfg.n_head
-        self.head_dim = cfg.n_embd // cfg.n_head
+        self.d, self.heads, self.head_dim = cfg.n_embd, cfg.n_head, cfg.head_dim
         self.gemms = [tuple(_Gemm.of(lin) for lin in (b.c_attn, b.attn_proj, b.c_fc, b.mlp_proj)) for b in self.blocks]
         dtype = model.wte.weight.dtype
         self.dtype, self.elem = dtype, torch.empty(0, dtype=dtype).element_size()
-        self.linear = kernels.lib.pf_linear if dtype == torch.float32 else kernels.lib.pf_linear_bf16
+        self.linear = kernels.function_for("pf_linear", dtype)
 
     @classmethod
     def for_model(cls, model, kernels: NativeKernels) -> "NativeDecode | None":
         ok = all(isinstance(lin, NativeLinear) for b in model.blocks
                  for lin in (b.c_attn, b.attn_proj, b.c_fc, b.mlp_proj))
         ok = ok and all(b.c_fc.act is None for b in model.blocks)  # the activation runs in the GEMM
-        return cls(model, kernels) if ok and model.config.n_embd % model.config.n_head == 0 else None
+        return cls(model, kernels) if ok else None
 
     def _gemm(self, g: _Gemm, a: torch.Tensor, out: torch.Tensor, residual: torch.Tensor | None, threads: int) -> None:
         self.linear(a.data_ptr(), a.shape[0], g.in_features, g.packed, g.out_features, g.bias, g.act,
@@ -81,12 +80,8 @@ class NativeDecode:
         rows, d, h, hd = x.shape[1], self.d, self.heads, self.head_dim
         if x.dtype != self.dtype or plan.lens.shape != (rows,) or plan.lens.dtype != torch.int32:
             raise ValueError(f"bad native decode call: x {tuple(x.shape)} {x.dtype}, lens {tuple(plan.lens.shape)}")
-        mr = self.kernels.row_block
-        padded = -(-rows // mr) * mr
-        cur = x.reshape(rows, d)
-        if padded != rows:
-            cur = torch.cat([cur, cur.new_zeros(padded - rows, d)])
-        cur = cur.contiguous()
+        padded = self.kernels.padded_rows(rows)
+        cur = pad_rows(x.reshape(rows, d), padded)  # a copy: the buffers below never alias x
         qkv = torch.empty(padded, 3 * d, dtype=self.dtype)
         att = torch.zeros(padded, d, dtype=self.dtype)  # rows past B stay zero: attention writes B rows
         mid = torch.empty(padded, d, dtype=self.dtype)
@@ -107,5 +102,5 @@ class NativeDecode:
             self._gemm(g_proj, att, mid, cur, threads)
             self._gemm(g_fc, block.ln_2(mid).contiguous(), mlp, None, threads)
             self._gemm(g_out, mlp, nxt, mid, threads)
-            cur, nxt = nxt, (cur if cur.data_ptr() != x.data_ptr() else torch.empty_like(cur))
+            cur, nxt = nxt, cur
         return cur[:rows].reshape(1, rows, d)

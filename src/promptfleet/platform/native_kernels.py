@@ -49,6 +49,14 @@ class NativeKernels:
     def supports(self, dtype: torch.dtype) -> bool:
         return dtype == torch.float32 or (dtype == torch.bfloat16 and self.bf16)
 
+    def padded_rows(self, rows: int) -> int:
+        """``rows`` rounded up to the GEMM's row block (what ``linear`` takes)."""
+        return -(-rows // self.row_block) * self.row_block
+
+    def function_for(self, name: str, dtype: torch.dtype):
+        """The library's ``name`` (``pf_linear``, ``pf_pack``) for fp32, its ``_bf16`` twin for bf16."""
+        return getattr(self.lib, name if dtype == torch.float32 else f"{name}_bf16")
+
     def pack(self, weight: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """``[N, K]`` weight (fp32, or bf16 with K even) -> the kernel's panel layout: a flat
         tensor of the weight's dtype, ``out`` when given (``packed_numel`` elements, e.g. a
@@ -65,8 +73,7 @@ class NativeKernels:
             out = torch.empty(numel, dtype=weight.dtype)
         elif out.shape != (numel,) or out.dtype != weight.dtype or not out.is_contiguous():
             raise ValueError(f"pack needs a contiguous {weight.dtype} buffer of {numel} elements")
-        pack = self.lib.pf_pack if weight.dtype == torch.float32 else self.lib.pf_pack_bf16
-        pack(weight.data_ptr(), n, k, out.data_ptr())
+        self.function_for("pf_pack", weight.dtype)(weight.data_ptr(), n, k, out.data_ptr())
         return out
 
     def linear(self, x: torch.Tensor, packed: torch.Tensor, out_features: int, bias: torch.Tensor | None = None,
@@ -86,8 +93,7 @@ class NativeKernels:
         if residual is not None:
             residual = residual.contiguous()
         out = torch.empty(m, out_features, dtype=dtype)
-        gemm = self.lib.pf_linear if dtype == torch.float32 else self.lib.pf_linear_bf16
-        gemm(x.data_ptr(), m, k, packed.data_ptr(), out_features, None if bias is None else bias.data_ptr(),
+        self.function_for("pf_linear", dtype)(x.data_ptr(), m, k, packed.data_ptr(), out_features, None if bias is None else bias.data_ptr(),
              FUSED_ACTIVATIONS.get(activation, 0), None if residual is None else residual.data_ptr(), out.data_ptr(),
              torch.get_num_threads())
         return out

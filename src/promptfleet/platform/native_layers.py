@@ -53,7 +53,7 @@ class NativeLinear(nn.Module):
         rows = x.numel() // self.in_features
         flat = x.reshape(rows, self.in_features)
         res = None if residual is None else residual.reshape(rows, self.out_features)
-        padded = -(-rows // self.gemm.row_block) * self.gemm.row_block
+        padded = self.gemm.padded_rows(rows)
         if padded != rows:
             flat = pad_rows(flat, padded)
             res = None if res is None else pad_rows(res, padded)
