@@ -61,17 +61,24 @@ def _run(fn):
 # ---------------------------------------------------------------- processes
 @app.command()
 def serve(model: Optional[str] = typer.Option(None, help="GPT-2 checkpoint directory (or hub id)."),
-          host: str = "127.0.0.1", port: int = 8000,
+          host: str = typer.Option("127.0.0.1", help="Address to bind. Beyond loopback the server needs "
+                                   "PROMPTFLEET_ADMIN_KEY (16+ characters, not the dev default) and "
+                                   "PROMPTFLEET_METRICS_KEY (or PROMPTFLEET_METRICS_PUBLIC=true)."),
+          port: int = 8000,
           device: Optional[str] = typer.Option(None, help="cpu or cuda."),
           dtype: Optional[str] = typer.Option(None, help="float32|bfloat16 (CPU), float16|bfloat16 (CUDA)."),
           embedded_worker: Optional[bool] = typer.Option(None, "--embedded-worker/--no-embedded-worker",
                                                          help="Run a training worker inside the server.")) -> None:
     """Run the API server with the engine (and, by default, an embedded training worker)."""
-    from promptfleet.api.server import run_server
+    from promptfleet.api.server import UnsafeDeployment, check_deployment, run_server
 
     overrides = {k: v for k, v in dict(model=model, device=device, dtype=dtype,
                                        embedded_worker=embedded_worker).items() if v is not None}
     settings = Settings(**overrides)
+    try:
+        check_deployment(settings, host)
+    except UnsafeDeployment as exc:
+        _fail(str(exc), code=2)
     if not settings.model:
         _fail("no model: pass --model PATH or set PROMPTFLEET_MODEL")
     run_server(settings, host=host, port=port)

@@ -23,6 +23,12 @@ class Settings(BaseSettings):
     admin_key: str = Field(default="pf-admin-dev", description="Bearer key for /admin.")
     metrics_key: str = Field(default="", description="Bearer key /metrics asks for; empty: open (a scraper "
                              "inside the network). Metric labels carry tenant and adapter names.")
+    metrics_public: bool = Field(default=False, description="Allow an empty metrics_key on a non-loopback address "
+                                 "(/metrics open to anyone who can reach the port); off: the server refuses to start.")
+    metrics_max_models: int = Field(default=100, ge=1, description="Distinct model label values (base model and "
+                                    "adapter names) kept in metrics; later ones are counted under '_other'.")
+    metrics_max_tenants: int = Field(default=100, ge=1, description="Distinct tenant label values kept in metrics; "
+                                     "later ones are counted under '_other'.")
 
     # --- model / engine
     model: str = Field(default="", description="GPT-2 checkpoint directory (or hub id when reachable).")

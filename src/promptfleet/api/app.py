@@ -19,7 +19,7 @@ from fastapi.concurrency import run_in_threadpool
 
 from promptfleet.api.errors import install_error_handlers
 from promptfleet.api.logs import RequestContextMiddleware
-from promptfleet.api.metrics import Metrics
+from promptfleet.api.metrics import MetricLabelLimits, Metrics
 from promptfleet.api.routes import admin, adapters, completions, datasets, health, jobs, models
 from promptfleet.api.state import AppState, build_state
 from promptfleet.api.uploads import MULTIPART_SLACK, BodyLimit, BodyLimitMiddleware, HeaderLimitMiddleware, mib
@@ -52,7 +52,7 @@ def body_limit_for(settings: Settings):
 
 
 def create_app(settings: Settings, *, engine: Engine | None = None, celery_app: Any = None) -> FastAPI:
-    metrics = Metrics()
+    metrics = Metrics(MetricLabelLimits.from_settings(settings))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -1,9 +1,16 @@
 """Prometheus metrics on a per-app ``CollectorRegistry`` (never the global default one,
 so several apps can live in one process). Engine and adapter-cache figures are read at
-scrape time by a custom collector; request figures are counted as requests finish."""
+scrape time by a custom collector; request figures are counted as requests finish.
+
+Label values a tenant or client chooses (adapter names, tenant names, HTTP methods) are
+bounded: each such label keeps its first N distinct values and counts every later one
+under ``_other``, so nobody can grow the number of series without limit."""
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -12,10 +19,77 @@ from prometheus_client.registry import Collector
 from promptfleet.adapters.device_cache import AdapterCache
 from promptfleet.adapters.prefix_store import PrefixStore
 from promptfleet.platform.engine import Engine
+from promptfleet.settings import Settings
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 _TPOT_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1, 2.5)
+
+OVERFLOW_LABEL = "_other"  # no adapter or tenant name can start with '_'
+HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+M = TypeVar("M", Counter, Histogram)
+
+
+class LabelBound:
+    """One label's allowed values: the first ``limit`` distinct values seen stay as they
+    are, every later one becomes ``OVERFLOW_LABEL``. Thread-safe (requests finish on many
+    threads); values in ``always`` pass and do not count against the limit."""
+
+    def __init__(self, limit: int, *, always: Sequence[str] = ()) -> None:
+        if limit < 1:
+            raise ValueError(f"a label bound needs a limit >= 1, not {limit}")
+        self.limit = limit
+        self._always = frozenset(always)
+        self._seen: set[str] = set()
+        self._lock = threading.Lock()
+
+    def __call__(self, value: str) -> str:
+        if value in self._always or value in self._seen:
+            return value
+        with self._lock:
+            if value in self._seen:
+                return value
+            if len(self._seen) < self.limit:
+                self._seen.add(value)
+                return value
+        return OVERFLOW_LABEL
+
+
+def known_method(method: str) -> str:
+    """HTTP methods are client-chosen tokens: the standard ones, else ``OVERFLOW_LABEL``."""
+    return method if method in HTTP_METHODS else OVERFLOW_LABEL
+
+
+class BoundedMetric(Generic[M]):
+    """A labelled metric whose ``labels(...)`` passes each value through its bound first
+    (``None``: a label the server chooses, kept as is)."""
+
+    def __init__(self, metric: M, bounds: Sequence[Callable[[str], str] | None]) -> None:
+        if len(bounds) != len(metric._labelnames):
+            raise ValueError(f"{len(bounds)} bounds for labels {metric._labelnames}")
+        self.metric = metric
+        self._bounds = tuple(bounds)
+
+    def labels(self, *values: Any) -> M:
+        if len(values) != len(self._bounds):
+            raise ValueError(f"expected {len(self._bounds)} label values, got {len(values)}")
+        return self.metric.labels(*(str(v) if b is None else b(str(v)) for b, v in zip(self._bounds, values)))
+
+
+@dataclass(frozen=True)
+class MetricLabelLimits:
+    """How many distinct values the tenant-chosen labels keep (settings ``metrics_max_*``).
+    ``base_model`` (the base model id) is always its own ``model`` value, never crowded out
+    by adapter names."""
+    max_models: int = 100
+    max_tenants: int = 100
+    base_model: str | None = None
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> MetricLabelLimits:
+        return cls(max_models=settings.metrics_max_models, max_tenants=settings.metrics_max_tenants,
+                   base_model=settings.model_id)
 
 
 class _EngineCollector(Collector):
@@ -66,34 +140,45 @@ class _EngineCollector(Collector):
 
 class Metrics:
     """Every metric of one app. ``tenant`` labels are tenant names; ``model`` labels are
-    the base model id or an adapter name (never an unresolved client string)."""
+    the base model id or an adapter name (never an unresolved client string); both are
+    bounded by ``limits`` (shared across every metric, so one bound caps every family)."""
 
-    def __init__(self) -> None:
+    def __init__(self, limits: MetricLabelLimits | None = None) -> None:
+        self.limits = limits or MetricLabelLimits()
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        self.http_requests = Counter("promptfleet_http_requests", "HTTP requests by route and status.",
-                                     ["method", "route", "status"], registry=r)
-        self.requests = Counter("promptfleet_completion_requests", "Completion requests by tenant, model and status.",
-                                ["tenant", "model", "status"], registry=r)
-        self.latency = Histogram("promptfleet_completion_latency_seconds",
-                                 "Completion request latency (to the last token).", ["tenant", "model"],
-                                 buckets=_LATENCY_BUCKETS, registry=r)
-        self.ttft = Histogram("promptfleet_time_to_first_token_seconds", "Time to the first token.",
-                              ["tenant", "model"], buckets=_LATENCY_BUCKETS, registry=r)
-        self.tpot = Histogram("promptfleet_time_per_output_token_seconds",
-                              "After the first token, seconds per further token of a choice (inter-token latency).",
-                              ["tenant", "model"], buckets=_TPOT_BUCKETS, registry=r)
-        self.prompt_tokens = Counter("promptfleet_prompt_tokens", "Prompt tokens processed.",
-                                     ["tenant", "model"], registry=r)
-        self.completion_tokens = Counter("promptfleet_completion_tokens", "Completion tokens generated.",
-                                         ["tenant", "model"], registry=r)
-        self.gen_cache_hits = Counter("promptfleet_generation_cache_hits",
-                                      "Choices answered from the generation cache.", ["tenant", "model"], registry=r)
-        self.gen_cache_misses = Counter("promptfleet_generation_cache_misses",
-                                        "Cacheable choices that had to be generated.", ["tenant", "model"],
-                                        registry=r)
-        self.rejected = Counter("promptfleet_rejected_requests", "Requests refused by limits.",
-                                ["tenant", "reason"], registry=r)
+        tenant = LabelBound(self.limits.max_tenants)
+        base = (self.limits.base_model,) if self.limits.base_model else ()
+        model = LabelBound(self.limits.max_models, always=base)
+        tm = (tenant, model)
+        self.http_requests = BoundedMetric(Counter("promptfleet_http_requests", "HTTP requests by route and status.",
+                                                   ["method", "route", "status"], registry=r),
+                                           (known_method, None, None))
+        self.requests = BoundedMetric(Counter("promptfleet_completion_requests",
+                                              "Completion requests by tenant, model and status.",
+                                              ["tenant", "model", "status"], registry=r), (tenant, model, None))
+        self.latency = BoundedMetric(Histogram("promptfleet_completion_latency_seconds",
+                                               "Completion request latency (to the last token).", ["tenant", "model"],
+                                               buckets=_LATENCY_BUCKETS, registry=r), tm)
+        self.ttft = BoundedMetric(Histogram("promptfleet_time_to_first_token_seconds", "Time to the first token.",
+                                            ["tenant", "model"], buckets=_LATENCY_BUCKETS, registry=r), tm)
+        self.tpot = BoundedMetric(Histogram("promptfleet_time_per_output_token_seconds",
+                                            "After the first token, seconds per further token of a choice "
+                                            "(inter-token latency).", ["tenant", "model"], buckets=_TPOT_BUCKETS,
+                                            registry=r), tm)
+        self.prompt_tokens = BoundedMetric(Counter("promptfleet_prompt_tokens", "Prompt tokens processed.",
+                                                   ["tenant", "model"], registry=r), tm)
+        self.completion_tokens = BoundedMetric(Counter("promptfleet_completion_tokens",
+                                                       "Completion tokens generated.", ["tenant", "model"],
+                                                       registry=r), tm)
+        self.gen_cache_hits = BoundedMetric(Counter("promptfleet_generation_cache_hits",
+                                                    "Choices answered from the generation cache.",
+                                                    ["tenant", "model"], registry=r), tm)
+        self.gen_cache_misses = BoundedMetric(Counter("promptfleet_generation_cache_misses",
+                                                      "Cacheable choices that had to be generated.",
+                                                      ["tenant", "model"], registry=r), tm)
+        self.rejected = BoundedMetric(Counter("promptfleet_rejected_requests", "Requests refused by limits.",
+                                              ["tenant", "reason"], registry=r), (tenant, None))
         self._engine: Engine | None = None
         self._adapter_cache: AdapterCache | None = None
         self._prefix_store: PrefixStore | None = None
