@@ -3,8 +3,9 @@ the machine's C compiler, into ``$XDG_CACHE_HOME/promptfleet/kernels`` (``~/.cac
 a private temp dir if that is not writable), under a name that hashes the sources, the
 flags and the compiler, so an edit or a new compiler rebuilds. It links the OpenMP
 runtime torch itself loaded (two runtimes would each keep a pool spinning on the same
-cores). Anything missing raises ``KernelUnavailable`` saying what; ``native_kernels.py``
-loads the result.
+cores). Anything missing or failing (no compiler, a failed compile, no writable cache
+dir) raises ``KernelUnavailable`` saying what; ``native_kernels.py`` loads the result and
+turns any other failure into the same refusal.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -65,19 +67,34 @@ def _cache_dir() -> Path:
         base.mkdir(parents=True, exist_ok=True)
         if os.access(base, os.W_OK):
             return base
-    except OSError:
-        pass
+        why = "not writable"
+    except OSError as exc:
+        why = str(exc)
     fallback = Path(tempfile.gettempdir()) / f"promptfleet-kernels-{os.getuid()}"
-    fallback.mkdir(mode=0o700, exist_ok=True)
-    st = fallback.lstat()
+    try:
+        fallback.mkdir(mode=0o700, exist_ok=True)
+        st = fallback.lstat()
+    except OSError as exc:
+        raise KernelUnavailable(f"no writable cache dir for the kernel library: {base} ({why}), "
+                                f"{fallback} ({exc})") from exc
     if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o022:
         # a shared temp dir: a library someone else could have put there is never loaded
         raise KernelUnavailable(f"{fallback} is not a private directory of this user")
     return fallback
 
 
-def build_library(*, compiler: str | None = None, cache_dir: Path | None = None) -> Path:
-    """Compile ``SOURCES`` (or reuse the cached build); returns the shared library's path."""
+@dataclass(frozen=True)
+class BuildPlan:
+    """How the library is compiled, and where to (``target``'s name hashes sources, flags and compiler)."""
+
+    compiler: str
+    flags: tuple[str, ...]
+    target: Path
+
+
+def plan_build(*, compiler: str | None = None, cache_dir: Path | None = None) -> BuildPlan:
+    """Check this machine can build the kernels (x86-64 Linux, AVX-512F, a compiler that
+    runs, torch's libgomp) and name the library for these sources, flags and compiler."""
     if sys.platform != "linux" or platform.machine() not in ("x86_64", "AMD64"):
         raise KernelUnavailable(f"x86-64 Linux only (this is {sys.platform} {platform.machine()})")
     if not _cpu_has_avx512f():
@@ -92,20 +109,42 @@ def build_library(*, compiler: str | None = None, cache_dir: Path | None = None)
     except (OSError, subprocess.SubprocessError) as exc:
         raise KernelUnavailable(f"C compiler {cc_path} does not run: {exc}") from exc
     flags = (*FLAGS, f"-L{gomp.parent}", f"-Wl,-rpath,{gomp.parent}")
-    code = b"".join(src.read_bytes() for src in (*SOURCES, *HEADERS))
-    digest = hashlib.sha256(code + repr((flags, version)).encode()).hexdigest()[:16]
-    target = (cache_dir or _cache_dir()) / f"promptfleet_avx512-{digest}.so"
-    if target.exists():
-        return target
-    tmp = target.with_name(f"{target.name}.{os.getpid()}.tmp")
-    cmd = [cc_path, *flags, *map(str, SOURCES), "-o", str(tmp)]
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-    except (OSError, subprocess.SubprocessError) as exc:
-        raise KernelUnavailable(f"compiling the AVX-512 kernels failed: {exc}") from exc
-    if proc.returncode != 0:
-        tmp.unlink(missing_ok=True)
-        raise KernelUnavailable(f"compiling the AVX-512 kernels failed: {proc.stderr.strip()[-800:]}")
-    os.replace(tmp, target)  # atomic: a concurrent build writes the same bytes
-    log.info("compiled the AVX-512 kernels -> %s", target)
-    return target
+        code = b"".join(src.read_bytes() for src in (*SOURCES, *HEADERS))
+    except OSError as exc:
+        raise KernelUnavailable(f"cannot read the kernel sources: {exc}") from exc
+    digest = hashlib.sha256(code + repr((flags, version)).encode()).hexdigest()[:16]
+    return BuildPlan(cc_path, flags, (cache_dir or _cache_dir()) / f"promptfleet_avx512-{digest}.so")
+
+
+def build_library(*, compiler: str | None = None, cache_dir: Path | None = None) -> Path:
+    """Compile ``SOURCES`` (or reuse the cached build); returns the shared library's path."""
+    plan = plan_build(compiler=compiler, cache_dir=cache_dir)
+    if not plan.target.exists():
+        _compile(plan)
+    return plan.target
+
+
+def _compile(plan: BuildPlan) -> None:
+    tmp = plan.target.with_name(f"{plan.target.name}.{os.getpid()}.tmp")
+    cmd = [plan.compiler, *plan.flags, *map(str, SOURCES), "-o", str(tmp)]
+    try:
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        except (OSError, subprocess.SubprocessError) as exc:
+            raise KernelUnavailable(f"compiling the AVX-512 kernels failed: {exc}") from exc
+        if proc.returncode != 0:
+            raise KernelUnavailable(f"compiling the AVX-512 kernels failed (exit {proc.returncode}): "
+                                    f"{proc.stderr.strip()[-800:]}")
+        if not tmp.is_file():
+            raise KernelUnavailable(f"the C compiler {plan.compiler} exited 0 but wrote no library")
+        try:
+            os.replace(tmp, plan.target)  # atomic: a concurrent build writes the same bytes
+        except OSError as exc:
+            raise KernelUnavailable(f"cannot store the compiled kernels at {plan.target}: {exc}") from exc
+    finally:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass  # an unwritable dir: the compiler could not have written there either
+    log.info("compiled the AVX-512 kernels -> %s", plan.target)

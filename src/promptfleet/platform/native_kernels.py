@@ -5,9 +5,12 @@ Compiled once per machine into one shared library (``native_build.py``), called 
 ctypes (which releases the GIL for the call). The library links the OpenMP runtime torch
 itself loaded, so its threads are torch's threads.
 
-Anything missing (not x86-64 Linux, no AVX-512F, no compiler, no libgomp in this
-process, a failed compile) raises ``KernelUnavailable`` saying which; ``linear_kernels``
-then falls back to oneDNN under ``auto``.
+Anything missing or failing (not x86-64 Linux, no AVX-512F, no compiler, no libgomp in
+this process, a failed compile, no writable cache dir, a library that will not load, or
+any error nobody foresaw) makes ``native_kernels()`` raise ``KernelUnavailable`` saying
+which: decided once per process and logged once, as a warning. ``auto`` then takes the
+torch paths (oneDNN or torch linears, SDPA attention, torch argmax); only an explicit
+``avx512`` is an error.
 """
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ import functools
 import logging
 import math
 import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -184,7 +188,18 @@ def huge_page_empty(numel: int, dtype: torch.dtype = torch.float32) -> torch.Ten
 
 
 def load(path: Path) -> NativeKernels:
-    lib = ctypes.CDLL(str(path))
+    """The library at ``path`` with its functions' signatures declared; ``KernelUnavailable``
+    when it will not load (not a shared object, a ``noexec`` mount, missing symbols)."""
+    try:
+        lib = ctypes.CDLL(str(path))
+        kernels = _declare(lib, path)
+    except (OSError, AttributeError) as exc:
+        raise KernelUnavailable(f"cannot load the kernel library {path}: {exc}") from exc
+    loaded_libgomp()  # still exactly one OpenMP runtime: ours is torch's
+    return kernels
+
+
+def _declare(lib: ctypes.CDLL, path: Path) -> NativeKernels:
     ptr, long_ = ctypes.c_void_p, ctypes.c_long
     lib.pf_linear.argtypes = [ptr, long_, long_, ptr, long_, ptr, ctypes.c_int, ptr, ptr, ctypes.c_int]
     lib.pf_linear.restype = None
@@ -205,31 +220,47 @@ def load(path: Path) -> NativeKernels:
     lib.pf_decode_attention.restype = ctypes.c_int
     lib.pf_argmax_rows.argtypes = [ptr, long_, long_, ptr, ctypes.c_int]
     lib.pf_argmax_rows.restype = None
-    loaded_libgomp()  # still exactly one OpenMP runtime: ours is torch's
     return NativeKernels(lib=lib, path=path, panel_width=lib.pf_panel_width(), row_block=lib.pf_row_block(),
                          bf16=compiled_bf16 and all(flag in cpu_flags() for flag in BF16_FLAGS))
 
 
+FALLBACK = "using the torch paths instead (oneDNN or torch linears, SDPA attention, torch argmax)"
+_LOCK = threading.Lock()  # one build, and one warning, however many threads ask first
+
+
 @functools.cache
 def _native_kernels_or_reason() -> NativeKernels | KernelUnavailable:
+    """Build and load once; any failure becomes the cached refusal (never retried, never
+    raised here: whatever asks falls back, or refuses an explicit ``avx512``)."""
     try:
         return load(build_library())
     except KernelUnavailable as exc:
-        log.info("native AVX-512 kernels unavailable: %s", exc)
+        log.warning("native AVX-512 kernels unavailable: %s; %s", exc, FALLBACK)
         return exc
+    except Exception as exc:  # noqa: BLE001 - a kernel that fails to build must never stop the engine
+        log.warning("native AVX-512 kernels unavailable: unexpected %s: %s; %s", type(exc).__name__, exc, FALLBACK,
+                    exc_info=True)
+        refusal = KernelUnavailable(f"building or loading them failed unexpectedly: {type(exc).__name__}: {exc}")
+        refusal.__cause__ = exc
+        return refusal
+
+
+def _outcome() -> NativeKernels | KernelUnavailable:
+    with _LOCK:
+        return _native_kernels_or_reason()
 
 
 def native_kernels() -> NativeKernels:
     """This process's kernels, built and loaded once; raises ``KernelUnavailable``."""
-    outcome = _native_kernels_or_reason()
+    outcome = _outcome()
     if isinstance(outcome, KernelUnavailable):
-        raise outcome
+        raise KernelUnavailable(str(outcome)) from outcome  # a fresh one: the cached refusal gathers no tracebacks
     return outcome
 
 
 def unavailable_reason() -> str | None:
     """``None`` when the kernel runs here, else why not."""
-    outcome = _native_kernels_or_reason()
+    outcome = _outcome()
     return str(outcome) if isinstance(outcome, KernelUnavailable) else None
 
 
