@@ -20,12 +20,18 @@ from fastapi import Request
 from promptfleet.api.errors import APIError, bad_request, overloaded
 from promptfleet.api.gen_cache import CachedCompletion, CacheKey, GenerationCache
 from promptfleet.api.serving import Choice, ResolvedModel
-from promptfleet.platform.engine import Engine, QueueFullError, RequestTooLargeError
+from promptfleet.platform.engine import Engine, QueueFullError, RequestFailedError, RequestTooLargeError
 from promptfleet.platform.sequence import CompletionDelta
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 _DONE = object()
+
+
+# RequestFailedError.code -> HTTP status: a request whose own adapter or parameters made
+# the model produce NaN/Inf is unprocessable (422); the rest are the server's.
+_FAILURE_STATUS = {"numerical_error": 422, "context_length_exceeded": 400, "queue_full": 503,
+                   "engine_stopped": 503, "engine_error": 500}
 
 
 def engine_error(exc: BaseException) -> APIError:
@@ -38,8 +44,16 @@ def engine_error(exc: BaseException) -> APIError:
         return bad_request(str(exc), code="context_length_exceeded", param="max_tokens")
     if isinstance(exc, ValueError):
         return bad_request(str(exc))
-    log.error("generation failed: %s", exc)
-    return APIError(500, f"generation failed: {exc}", code="engine_error")
+    if isinstance(exc, RequestFailedError):  # the engine's message is written for clients
+        log.warning("generation failed in the engine: %s", exc.code)
+        status = _FAILURE_STATUS.get(exc.code, 500)
+        if status == 503:
+            return overloaded(str(exc), code=exc.code)
+        return APIError(status, str(exc), code=exc.code)
+    # never an exception's own text to the client: it is logged here, with the request id
+    log.error("generation failed: %r", exc, exc_info=exc)
+    return APIError(500, "generation failed: internal error (logged on the server with this request's id)",
+                    code="engine_error")
 
 
 class Generation:

@@ -35,11 +35,27 @@ from promptfleet.platform.weights import load_gpt2, resolve_checkpoint, weights_
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Engine", "EngineStats", "QueueFullError", "RequestTooLargeError", "UnknownAdapterError"]
+__all__ = ["Engine", "EngineStats", "QueueFullError", "RequestFailedError", "RequestTooLargeError",
+           "UnknownAdapterError"]
+
+# What a client is told when its request fails inside the engine: never the exception's
+# own text (it is logged with the sequence id), and never another request's failure.
+NUMERICAL_ERROR = ("numerical_error", "the model produced non-finite values (NaN or Inf) for this request, most "
+                   "likely from its adapter or sampling parameters; no other request was affected")
+INTERNAL_ERROR = ("engine_error", "an internal engine error stopped this request (logged on the server); "
+                  "no other request was affected")
 
 
 class UnknownAdapterError(KeyError):
     pass
+
+
+class RequestFailedError(RuntimeError):
+    """One request failed inside the engine; ``code`` says how, the message is safe to show."""
+
+    def __init__(self, message: str, code: str) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 def _put_all(items: list[tuple[asyncio.Queue, CompletionDelta]]) -> None:
@@ -92,6 +108,7 @@ class Engine:
         self._decode_s = self._prefill_s = 0.0
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self._newest: list[Sequence] = []  # the latest admissions (suspects when a step fails)
         self.checkpoint_path: Path | None = None
         self._weights_id: str | None = None
         self._decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
@@ -167,6 +184,8 @@ class Engine:
             ids = [self.model_config.eos_token_id]  # GPT-2 convention for an empty prompt
         if any((not isinstance(t, int)) or t < 0 or t >= self.model_config.vocab_size for t in ids):
             raise ValueError(f"token ids must be integers in [0, {self.model_config.vocab_size})")
+        if prefix is not None:
+            self._check_prefix(prefix)
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[CompletionDelta] = asyncio.Queue()
         seq = Sequence(prompt_ids=ids, params=params, adapter=prefix,
@@ -179,7 +198,7 @@ class Engine:
             while True:
                 delta = await queue.get()
                 if delta.error:
-                    raise RuntimeError(delta.error)
+                    raise RequestFailedError(delta.error, delta.error_code or INTERNAL_ERROR[0])
                 yield delta
                 if delta.finish_reason is not None:
                     return
@@ -197,6 +216,20 @@ class Engine:
             last = delta
         assert last is not None
         return CompletionDelta("".join(text), tokens, last.finish_reason, last.prompt_tokens, last.completion_tokens)
+
+    def _check_prefix(self, prefix: AdapterPrefix) -> None:
+        """Refuse a prefix that does not fit this engine's cache or is not finite (a stored
+        prefix read back from disk, say), before it can reach a batch."""
+        _, _, heads, head_dim = self.cache.k[0].shape  # KV heads, as the cache holds them
+        want = (self.model_config.n_layer, heads, prefix.num_virtual_tokens, head_dim)
+        if tuple(prefix.k.shape) != want or tuple(prefix.v.shape) != want:
+            raise ValueError(f"adapter {prefix.key!r} has KV prefix shape {list(prefix.k.shape)}; this backbone "
+                             f"needs {list(want)}")
+        if prefix.k.dtype != self.dtype or prefix.k.device != self.device or prefix.v.dtype != self.dtype:
+            raise ValueError(f"adapter {prefix.key!r} was built for {prefix.k.dtype} on {prefix.k.device}; "
+                             f"this engine serves {self.dtype} on {self.device}")
+        if not (bool(torch.isfinite(prefix.k).all()) and bool(torch.isfinite(prefix.v).all())):
+            raise ValueError(f"adapter {prefix.key!r} has non-finite values in its KV prefix")
 
     def _resolve_adapter(self, adapter: str | AdapterPrefix | None) -> AdapterPrefix | None:
         if adapter is None or isinstance(adapter, AdapterPrefix):
@@ -236,20 +269,21 @@ class Engine:
                     try:
                         self.scheduler.add(seq)
                     except (QueueFullError, RequestTooLargeError) as exc:
-                        seq.fail(str(exc))
+                        seq.fail(str(exc), code="queue_full" if isinstance(exc, QueueFullError)
+                                 else "context_length_exceeded")
                 elif kind == "abort" and seq.status is not SeqStatus.FINISHED:
                     seq.status = SeqStatus.FINISHED
                     self.scheduler.release(seq)
             try:
                 self.step()
-            except Exception as exc:  # keep serving: fail the batch, not the process
-                log.exception("engine step failed")
-                for seq in list(self.scheduler.running) + list(self.scheduler.waiting):
-                    seq.fail(f"engine error: {exc}")
-                    self.scheduler.release(seq)
+            except Exception:  # a failure step() could not pin to rows: keep the process serving
+                log.exception("engine step failed outside the forward; failing the running batch")
+                for seq in list(self.scheduler.running):
+                    self._fail(seq, INTERNAL_ERROR)
+                self._release_finished()
             self._deliver()
         for seq in list(self.scheduler.running) + list(self.scheduler.waiting):
-            seq.fail("engine stopped")
+            seq.fail("the engine stopped before this request finished; retry", code="engine_stopped")
             self.scheduler.release(seq)
         self._deliver()
 
@@ -272,12 +306,23 @@ class Engine:
         """Admit what fits, then ONE forward: a decode token for every running sequence
         whose prompt is cached, plus prompt chunks up to ``max_step_tokens`` (see
         ``packing.plan_step``). A prompt arriving mid-stream costs its own tokens' share
-        of a pass, and a long one is spread over steps instead of stalling every stream."""
-        self.scheduler.admit()
+        of a pass, and a long one is spread over steps instead of stalling every stream.
+
+        Failures stay with the request that caused them: a row whose hidden state or
+        distribution is not finite is failed alone (``_sample_rows``), and a step that
+        raises is retried without its newest admissions, then row by row (``_recover``)."""
+        admitted = self.scheduler.admit()
+        if admitted:
+            self._newest = admitted
         groups = plan_step(self.scheduler.running, max_step_tokens=self.config.max_step_tokens)
         if groups:
             t0 = time.perf_counter()
-            self._forward_and_sample(groups)
+            try:
+                self._forward_and_sample(groups)
+            except Exception:
+                log.exception("engine step over %d sequences failed; retrying without its newest admissions",
+                              sum(len(g.seqs) for g in groups))
+                self._recover()
             if any(g.is_prompt for g in groups):  # prompt tokens aboard: a prefill step
                 self._prefill_s += time.perf_counter() - t0
             else:  # decode-only steps: what decode utilisation is measured on
@@ -286,6 +331,39 @@ class Engine:
         self._release_finished()
         self._steps += 1
 
+    def _recover(self) -> None:
+        """After a step raised: run it again without the newest admissions; if that works,
+        run each of those alone, else every sequence alone. A sequence that still fails
+        on its own is failed; everyone else advances by their step. (A failed forward
+        changes no sequence's state, so running it again is safe.)"""
+        running = [s for s in self.scheduler.running if s.status is not SeqStatus.FINISHED]
+        newest = [s for s in running if any(s is n for n in self._newest)]
+        rest = [s for s in running if not any(s is n for n in newest)]
+        suspects = newest if newest and rest and self._try_alone(rest) else running
+        for seq in suspects:
+            if not self._try_alone([seq]):
+                self._fail(seq, INTERNAL_ERROR)
+
+    def _try_alone(self, seqs: list[Sequence]) -> bool:
+        groups = plan_step(seqs, max_step_tokens=self.config.max_step_tokens)
+        try:
+            if groups:
+                self._forward_and_sample(groups)
+        except Exception:
+            log.exception("engine step over sequences %s failed again", [s.id for s in seqs])
+            return False
+        return True
+
+    def _fail(self, seq: Sequence, error: tuple[str, str]) -> None:
+        """Finish one sequence with a client-safe error; its KV slot may hold garbage, so
+        the cache zeroes that slot again before anyone reads it."""
+        if seq.status is SeqStatus.FINISHED:
+            return
+        log.warning("sequence %d failed: %s", seq.id, error[0])
+        if 0 <= seq.slot < len(self.scheduler.running) and self.scheduler.running[seq.slot] is seq:
+            self.cache.forget(seq.slot)
+        seq.fail(error[1], code=error[0])
+
     def _release_finished(self) -> None:
         for seq in [s for s in self.scheduler.running if s.status is SeqStatus.FINISHED]:
             self.scheduler.release(seq)
@@ -293,16 +371,42 @@ class Engine:
     def _forward_and_sample(self, groups: list[Group]) -> None:
         batch = pack(groups, self.cache, n_positions=self.model_config.n_positions, device=self.device)
         hidden = self.model(batch.ids, batch.positions, batch.ctx)
+        seqs = [s for g in groups if g.sample for s in g.seqs]
+        tokens = self._sample_rows(hidden[0, batch.last], seqs) if seqs else []
+        # nothing above changed a sequence's state, so a step that raised can run again
         for g in groups:
             for seq, toks in zip(g.seqs, g.new_tokens):
                 seq.cached += len(toks)
                 if g.is_prompt:
                     self._prompt_tokens += len(toks)
-        seqs = [s for g in groups if g.sample for s in g.seqs]
-        if not seqs:
-            return
-        logits = self.model.logits(hidden[0, batch.last]).cpu()
-        for seq, token in zip(seqs, sample(logits, [s.sampler_row() for s in seqs], self._rng)):
+        for seq, token in zip(seqs, tokens):
+            if token is None:
+                self._fail(seq, NUMERICAL_ERROR)
+                continue
             self._generated += 1
-            seq.append(token, self.max_model_len)
-            seq.flush()
+            try:
+                seq.append(token, self.max_model_len)
+                seq.flush()
+            except Exception:
+                log.exception("sequence %d failed on token %d", seq.id, token)
+                self._fail(seq, INTERNAL_ERROR)
+
+    def _sample_rows(self, last_hidden: torch.Tensor, seqs: list[Sequence]) -> list[int | None]:
+        """One token per sampling row, or None for a row that is not finite (its hidden
+        state, or its own distribution) or draws an id outside the vocabulary: checked
+        here on ``[rows, d]`` (cheap) so no bad id ever reaches an embedding lookup."""
+        finite = torch.isfinite(last_hidden).all(-1).cpu()
+        good = finite.nonzero().flatten().tolist()
+        out: list[int | None] = [None] * len(seqs)
+        if not good:
+            return out
+        rows = last_hidden if len(good) == len(seqs) else last_hidden[good]
+        logits = self.model.logits(rows).cpu()
+        vocab = self.model_config.vocab_size
+        # the native argmax only where the engine runs on the native kernels: a config
+        # off them (linears onednn/torch, attention sdpa) makes no native call at all
+        native = "avx512" in (self.model.linear_kernels, self.attention_backend)
+        drawn = sample(logits, [seqs[i].sampler_row() for i in good], self._rng, native_argmax=native)
+        for i, token in zip(good, drawn):
+            out[i] = token if token is not None and 0 <= token < vocab else None
+        return out

@@ -13,6 +13,24 @@ import torch
 from promptfleet.platform.native_kernels import native_kernels, unavailable_for
 
 
+# Temperature below this samples greedily (vLLM's convention): dividing logits by a
+# temperature that underflows float32 (1e-300 -> 0) would give inf logits and NaN
+# probabilities.
+SAMPLING_EPS = 1e-5
+# Documented bounds: within them no transform can overflow float32 for finite logits.
+MAX_TEMPERATURE = 100.0
+REPETITION_PENALTY_RANGE = (0.01, 100.0)
+
+
+def _number(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    value = float(value)
+    if value != value or value in (float("inf"), float("-inf")):
+        raise ValueError(f"{name} must be finite, got {value}")
+    return value
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     max_tokens: int = 16
@@ -28,21 +46,22 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
             raise ValueError(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
-        if not 0.0 <= self.temperature <= 100.0:
-            raise ValueError(f"temperature must be in [0, 100], got {self.temperature}")
-        if not 0.0 < self.top_p <= 1.0:
+        if not 0.0 <= _number("temperature", self.temperature) <= MAX_TEMPERATURE:
+            raise ValueError(f"temperature must be in [0, {MAX_TEMPERATURE:g}], got {self.temperature}")
+        if not 0.0 < _number("top_p", self.top_p) <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
-        if not 0.0 < self.repetition_penalty <= 100.0:
-            raise ValueError(f"repetition_penalty must be in (0, 100], got {self.repetition_penalty}")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ValueError(f"top_k must be an integer >= 0, got {self.top_k!r}")
+        lo, hi = REPETITION_PENALTY_RANGE
+        if not lo <= _number("repetition_penalty", self.repetition_penalty) <= hi:
+            raise ValueError(f"repetition_penalty must be in [{lo:g}, {hi:g}] (1 = off), got {self.repetition_penalty}")
         if any((not isinstance(s, str)) or s == "" for s in self.stop):
             raise ValueError("stop strings must be non-empty strings")
         object.__setattr__(self, "stop", tuple(self.stop))
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0 or self.top_k == 1
+        return self.temperature < SAMPLING_EPS or self.top_k == 1
 
 
 @dataclass
@@ -147,30 +166,47 @@ def draw(probs: torch.Tensor, generators: list[torch.Generator]) -> list[int]:
     return (b * DRAW_BLOCK + j).flatten().tolist()
 
 
-def greedy_tokens(logits: torch.Tensor) -> list[int]:
-    """``logits.argmax(-1)`` as a list; on the AVX-512 kernel for fp32 CPU logits, where
-    it runs (torch's CPU argmax takes ~2 ms over 32 x 50257 logits; the kernel is fp32 only)."""
-    if logits.dtype == torch.float32 and unavailable_for(logits.device, logits.dtype) is None:
+def greedy_tokens(logits: torch.Tensor, *, native_argmax: bool = False) -> list[int]:
+    """``logits.argmax(-1)`` as a list; with ``native_argmax`` (the engine runs on the native
+    kernels) on the AVX-512 kernel for fp32 CPU logits, where it runs (torch's CPU argmax
+    takes ~2 ms over 32 x 50257 logits; the kernel is fp32 only)."""
+    if native_argmax and logits.dtype == torch.float32 and unavailable_for(logits.device, logits.dtype) is None:
         return native_kernels().argmax(logits)
     return logits.argmax(dim=-1).tolist()
 
 
-def sample(logits: torch.Tensor, rows: list[SamplerRow], default_generator: torch.Generator) -> list[int]:
-    """One token for each row of ``logits`` ``[B, V]`` (float32); ``logits`` is not modified."""
+def sample(logits: torch.Tensor, rows: list[SamplerRow], default_generator: torch.Generator, *,
+           native_argmax: bool = False) -> list[int | None]:
+    """One token for each row of ``logits`` ``[B, V]`` (float32, finite: the engine checks
+    the hidden states they come from); ``logits`` is not modified. A row whose own
+    transforms (repetition penalty, temperature, top-k/top-p) leave no finite distribution
+    gets ``None``, so the caller fails that request alone; every other row is unaffected."""
+    failed: set[int] = set()
     if any(row.params.repetition_penalty != 1.0 for row in rows):
         logits = logits.clone()  # penalised in place below
         for i, row in enumerate(rows):
             if row.params.repetition_penalty != 1.0:
                 logits[i] = apply_repetition_penalty(logits[i], row.history, row.params.repetition_penalty)
+                if not bool(torch.isfinite(logits[i]).all()):
+                    failed.add(i)
+                    logits[i] = 0.0  # keeps the batched kernels below on finite input
     sampled = [i for i, row in enumerate(rows) if not row.params.greedy]
-    out = greedy_tokens(logits) if len(sampled) < len(rows) else [0] * len(rows)
-    if not sampled:
-        return out
-    params = [rows[i].params for i in sampled]
-    x = logits if len(sampled) == len(rows) else logits[sampled]
-    temps = torch.tensor([p.temperature for p in params], dtype=logits.dtype)
-    x = filter_top_k_top_p(x / temps[:, None], [p.top_k for p in params], [p.top_p for p in params])
-    gens = [rows[i].generator if rows[i].generator is not None else default_generator for i in sampled]
-    for i, tok in zip(sampled, draw(x.softmax(-1), gens)):
-        out[i] = tok
+    out: list[int | None] = (greedy_tokens(logits, native_argmax=native_argmax) if len(sampled) < len(rows)
+                             else [0] * len(rows))
+    if sampled:
+        params = [rows[i].params for i in sampled]
+        x = logits if len(sampled) == len(rows) else logits[sampled]
+        # temperature >= SAMPLING_EPS here (below it a row is greedy), so it cannot underflow
+        temps = torch.tensor([p.temperature for p in params], dtype=logits.dtype)
+        x = filter_top_k_top_p(x / temps[:, None], [p.top_k for p in params], [p.top_p for p in params])
+        probs = x.softmax(-1)
+        finite = torch.isfinite(probs).all(-1)
+        if not bool(finite.all()):
+            failed.update(sampled[j] for j in (~finite).nonzero().flatten().tolist())
+            probs = torch.where(finite[:, None], probs, torch.full_like(probs, 1.0 / probs.shape[1]))
+        gens = [rows[i].generator if rows[i].generator is not None else default_generator for i in sampled]
+        for i, tok in zip(sampled, draw(probs, gens)):
+            out[i] = tok
+    for i in failed:
+        out[i] = None
     return out

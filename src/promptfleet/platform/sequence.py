@@ -32,6 +32,7 @@ class CompletionDelta:
     prompt_tokens: int
     completion_tokens: int
     error: str | None = None
+    error_code: str | None = None  # with ``error``: a short machine-readable reason
 
 
 def find_repetition(tokens: list[int], cfg: RepetitionConfig) -> int | None:
@@ -145,8 +146,8 @@ class Sequence:
         self.emit(CompletionDelta(text=text, token_ids=tokens, finish_reason=self.finish_reason if finished else None,
                                   prompt_tokens=len(self.prompt_ids), completion_tokens=len(self.output_ids)))
 
-    def fail(self, message: str) -> None:
+    def fail(self, message: str, *, code: str = "engine_error") -> None:
         self._finish("error")
         self.emit(CompletionDelta(text="", token_ids=[], finish_reason="error", prompt_tokens=len(self.prompt_ids),
-                                  completion_tokens=len(self.output_ids), error=message))
+                                  completion_tokens=len(self.output_ids), error=message, error_code=code))
 
