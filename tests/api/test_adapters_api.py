@@ -111,8 +111,8 @@ def test_refused_uploads_store_nothing(make_api, peft_dirs, tiny_checkpoint, tmp
     err = _err(api.upload(h, "a", helpers.zip_dir(other)), 400, "adapter_rejected")
     assert "does not fit this backbone" in err["message"]
     _err(api.upload(h, "bad/name", helpers.zip_dir(peft_dirs["pt"])), 400, "invalid_adapter_name")
-    _err(api.client.post("/v1/adapters", data={"name": "a"}, headers=h), 422)
-    _err(api.client.post("/v1/adapters", files={"file": ("a.zip", b"x")}, headers=h), 422)
+    _err(api.client.post("/v1/adapters", data={"name": "a"}, headers=h), 400)
+    _err(api.client.post("/v1/adapters", files={"file": ("a.zip", b"x")}, headers=h), 400)
     assert api.client.get("/v1/adapters", headers=h).json()["data"] == []
     assert not any(p.is_file() for p in (api.settings.blob_dir).rglob("*"))
 

@@ -56,7 +56,7 @@ def test_tenant_lifecycle(make_api, db_kind):
          "tenant_exists")
     _err(api.client.post("/admin/tenants", json={"name": "Bad Name!"}, headers=api.admin()), 400,
          "invalid_tenant_name")
-    _err(api.client.post("/admin/tenants", json={}, headers=api.admin()), 422)
+    _err(api.client.post("/admin/tenants", json={}, headers=api.admin()), 400)
 
     r = api.client.post(f"/admin/tenants/{created['id']}/rotate-key", headers=api.admin())
     assert r.status_code == 200, r.text
@@ -85,4 +85,4 @@ def test_unknown_route_and_method_have_openai_error_shape(api):
     _err(api.client.delete("/v1/completions"), 405, "method_not_allowed")
     r = api.client.post("/v1/completions", content=b"{not json", headers={"Content-Type": "application/json",
                                                                             **api.new_tenant()[1]})
-    _err(r, 422, "invalid_parameters")
+    _err(r, 400, "invalid_parameters")

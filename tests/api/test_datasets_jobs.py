@@ -39,7 +39,7 @@ def test_dataset_upload_get_and_refusals(make_api, db_kind):
     assert "line 2" in _err(upload_dataset(api, h, jsonl(1) + b"{not json\n"), 400)["message"]
     err = _err(upload_dataset(api, h, b"x" * (2 << 20)), 413, "request_too_large")
     assert "max_dataset_mb" in err["message"]
-    _err(api.client.post("/v1/datasets", headers=h), 422)
+    _err(api.client.post("/v1/datasets", headers=h), 400)
     assert len(api.client.get("/v1/datasets", headers=h).json()["data"]) == 1
 
 
@@ -60,7 +60,7 @@ def test_jobs_submit_status_cancel_and_isolation(make_api, db_kind):
     assert job["status"] == "queued" and job["adapter_name"] == "trained" and job["method"] == "prompt_tuning"
     assert [j["id"] for j in api.client.get("/v1/jobs", headers=alice).json()["data"]] == [job_id]
     assert api.client.get("/v1/jobs?status=queued", headers=alice).json()["data"][0]["id"] == job_id
-    _err(api.client.get("/v1/jobs?status=bogus", headers=alice), 422)
+    _err(api.client.get("/v1/jobs?status=bogus", headers=alice), 400)
 
     # bob sees none of it
     _err(api.client.get(f"/v1/datasets/{ds}", headers=bob), 404, "dataset_not_found")
@@ -90,9 +90,9 @@ def test_jobs_submit_status_cancel_and_isolation(make_api, db_kind):
     ({"adapter_name": "a", "dataset_id": "x", "epochs": 0}, "epochs"),
     ({"adapter_name": "a", "dataset_id": "x", "surprise": 1}, "surprise"),
 ])
-def test_bad_job_bodies_are_422(api, body, where):
+def test_bad_job_bodies_are_400(api, body, where):
     _, h = api.new_tenant()
-    assert where in _err(api.client.post("/v1/jobs", json=body, headers=h), 422, "invalid_parameters")["message"]
+    assert where in _err(api.client.post("/v1/jobs", json=body, headers=h), 400, "invalid_parameters")["message"]
 
 
 class _BrokerDown:

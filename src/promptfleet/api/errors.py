@@ -106,7 +106,8 @@ async def _api_error(_request: Request, exc: Exception) -> JSONResponse:
 async def _validation_error(_request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
     message, param = validation_message(list(exc.errors()))
-    return JSONResponse(error_body(message, status=422, param=param), status_code=422)
+    # 400, as OpenAI answers a body or parameter out of its schema (with ``param``)
+    return JSONResponse(error_body(message, status=400, code="invalid_parameters", param=param), status_code=400)
 
 
 async def _http_error(_request: Request, exc: Exception) -> JSONResponse:

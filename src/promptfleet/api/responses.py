@@ -18,5 +18,7 @@ _DESCRIPTIONS = {
 
 
 def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """``statuses``' declarations, and always 400: any route can be sent a malformed request
+    (validation errors are 400, as OpenAI gives them)."""
     return {status: {"model": ErrorResponse, "description": _DESCRIPTIONS.get(status, "Error.")}
-            for status in statuses}
+            for status in sorted({400, *statuses})}

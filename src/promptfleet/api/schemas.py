@@ -54,7 +54,8 @@ class CompletionRequest(BaseModel):
         description="A string, a list of strings, a list of token ids, or a list of token-id lists; "
                     "each prompt is its own choice.")
     max_tokens: int | None = Field(default=16, ge=1, le=1_000_000)
-    temperature: float | None = Field(default=1.0, ge=0.0, le=2.0)
+    temperature: float | None = Field(default=1.0, ge=0.0, le=2.0,
+                                      description="0, or anything below 1e-5, samples greedily.")
     top_p: float | None = Field(default=1.0, gt=0.0, le=1.0)
     n: int | None = Field(default=1, ge=1, le=MAX_CHOICES)
     stream: bool | None = False
@@ -71,7 +72,8 @@ class CompletionRequest(BaseModel):
     user: str | None = Field(default=None, max_length=256)
     # extensions
     top_k: int | None = Field(default=0, ge=-1, le=100_000, description="0 or -1: off.")
-    repetition_penalty: float | None = Field(default=1.0, gt=0.0, le=100.0, description="1: off (HF semantics).")
+    repetition_penalty: float | None = Field(default=1.0, ge=0.01, le=100.0,
+                                             description="1: off (HF semantics); in [0.01, 100].")
     ignore_eos: bool | None = Field(default=False, description="Keep generating past the end-of-text token.")
 
 

@@ -1,6 +1,6 @@
 """``POST /v1/completions``: OpenAI's completions protocol, plain or streamed (SSE).
 
-Order of checks: API key (401), request rate (429), body (422), unsupported parameters
+Order of checks: API key (401), request rate (429), body (400), unsupported parameters
 and limits (400), concurrency (429), model (404), prompt (400), engine queue (503).
 Deterministic choices (greedy or seeded) are answered from the generation cache when
 possible -- streamed ones too, as one chunk. ``finish_reason`` is ``stop``, ``length``

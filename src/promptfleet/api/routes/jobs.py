@@ -47,7 +47,7 @@ def get_jobs(tenant: LimitedTenantDep, session: SessionDep,
              status: Annotated[str | None, Query(description=f"one of {', '.join(JOB_STATUSES)}")] = None,
              limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> JobList:
     if status is not None and status not in JOB_STATUSES:
-        raise APIError(422, f"status must be one of {', '.join(JOB_STATUSES)}", code="invalid_parameters",
+        raise APIError(400, f"status must be one of {', '.join(JOB_STATUSES)}", code="invalid_parameters",
                        param="status")
     return JobList(data=[job_out(j) for j in list_jobs(session, tenant_id=tenant.id, status=status, limit=limit)])
 
