@@ -6,6 +6,8 @@ blob, then insert the row, so a refused upload leaves neither a row nor a blob.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import json
 import logging
 import re
@@ -59,12 +61,20 @@ def cache_key(version: AdapterVersion) -> str:
     return f"{version.sha256}:{version.base_fingerprint}"
 
 
-def _validated(config_bytes: bytes, safetensors_bytes: bytes, model_config: ModelConfig) -> AdapterWeights:
+# Runs an adapter on the serving backbone and raises ``AdapterError`` when it cannot be
+# served (``Engine.check_adapter``: values that overflow, non-finite keys/values).
+AdapterCheck = Callable[[AdapterWeights], None]
+
+
+def _validated(config_bytes: bytes, safetensors_bytes: bytes, model_config: ModelConfig,
+               check: AdapterCheck | None = None) -> AdapterWeights:
     try:
         weights = parse_adapter_files(config_bytes, safetensors_bytes)
         check_fits(weights, model_config)
     except AdapterError as exc:
         raise AdapterRejected(str(exc)) from exc
+        if check is not None:
+            check(weights)
     return weights
 
 
@@ -136,7 +146,8 @@ def _store(session: Session, *, storage: BlobStorage, tenant_id: str, name: str,
 
 
 def import_adapter(session: Session, *, storage: BlobStorage, tenant_id: str, name: str, archive: bytes,
-                   model_config: ModelConfig, limits: ArchiveLimits | None = None) -> AdapterVersion:
+                   model_config: ModelConfig, limits: ArchiveLimits | None = None,
+                   check: AdapterCheck | None = None) -> AdapterVersion:
     """Validate an uploaded zip/tar.gz of a PEFT adapter folder and store it as the next
     version of ``name``. Raises ``AdapterRejected`` (nothing stored) when it is refused."""
     validate_adapter_name(name)
@@ -164,7 +175,7 @@ def register_adapter(session: Session, *, storage: BlobStorage, tenant_id: str, 
     if not isinstance(config, dict):
         raise AdapterRejected("adapter config must be a JSON object (dict)")
     config_bytes = json.dumps(config, indent=2, sort_keys=True).encode("utf-8")
-    weights = _validated(config_bytes, safetensors_bytes, model_config)
+    weights = _validated(config_bytes, safetensors_bytes, model_config, check)
     _require_tenant(session, tenant_id)
     return _store(session, storage=storage, tenant_id=tenant_id, name=name, weights=weights,
                   blob=write_adapter_zip(config_bytes, safetensors_bytes), model_config=model_config,

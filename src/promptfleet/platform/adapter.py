@@ -15,12 +15,20 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors_bytes
+from torch import nn
 
 from promptfleet.platform.config import ModelConfig
 from promptfleet.platform.model import GPT2, DenseCache
 
 PEFT_TYPES = ("PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING")
 MAX_VIRTUAL_TOKENS = 512
+# An adapter's values may be at most this many times the backbone's own scale: its largest
+# token-embedding value for a soft prompt, the largest key/value it computes on real tokens
+# for a KV prefix. Trained adapters sit far below it (PEFT's random init of a soft prompt is
+# ~40x a small random GPT-2's embeddings); values that overflow a layer norm, attention
+# scores or the fp16 range sit far above.
+ADAPTER_SCALE_LIMIT = 1000.0
+_REFERENCE_TOKENS = 64  # real tokens run through the backbone to measure its key/value scale
 
 
 class AdapterError(ValueError):
@@ -51,6 +59,55 @@ class AdapterPrefix:
     @property
     def nbytes(self) -> int:
         return self.k.numel() * self.k.element_size() * 2
+
+
+@dataclass(frozen=True)
+class BackboneScale:
+    """What an adapter's values are measured against (``backbone_scale``)."""
+
+    embedding: float  # largest |value| in the token-embedding matrix
+    kv: float         # largest |key| or |value| over every layer, on real tokens
+    dtype: torch.dtype
+
+
+@torch.inference_mode()
+def backbone_scale(model: nn.Module) -> BackboneScale:
+    """Measure ``model``: its embedding table, and one forward over tokens spread across
+    the vocabulary (a few ms; the engine measures once and keeps it)."""
+    cfg, param = model.config, model.wte.weight
+    n = min(_REFERENCE_TOKENS, cfg.n_positions)
+    ids = torch.linspace(0, cfg.vocab_size - 1, n, device=param.device).long()[None]
+    cache = DenseCache(cfg.n_layer)
+    model(ids, torch.arange(n, device=param.device)[None], cache)
+    kv = max(float(t.abs().max()) for t in (*cache.k, *cache.v))
+    return BackboneScale(embedding=float(param.abs().max()), kv=kv, dtype=param.dtype)
+
+
+def _check_scale(what: str, values: torch.Tensor, reference: float, ref_name: str, dtype: torch.dtype) -> None:
+    """Refuse ``values`` that are not finite in the serving ``dtype`` or exceed
+    ``ADAPTER_SCALE_LIMIT`` x ``reference``; the message names the tensor and the bound."""
+    if not bool(torch.isfinite(values.to(dtype)).all()):
+        top = float(values.abs().max()) if bool(torch.isfinite(values).all()) else float("nan")
+        raise AdapterError(f"{what} is not finite in the serving dtype {str(dtype).removeprefix('torch.')} "
+                           f"(largest |value| {top:.3g}, the dtype's max {torch.finfo(dtype).max:.3g})")
+    top = float(values.abs().max())
+    if top > ADAPTER_SCALE_LIMIT * reference:
+        raise AdapterError(f"{what} has values up to {top:.3g}, over {ADAPTER_SCALE_LIMIT:g} x the backbone's "
+                           f"{ref_name} ({reference:.3g}); such an adapter would overflow the model")
+
+
+def check_values(weights: AdapterWeights, scale: BackboneScale) -> None:
+    """An adapter's own numbers against the backbone's scale, before anything runs them."""
+    prefix = weights.peft_type == "PREFIX_TUNING"
+    _check_scale(f"{weights.peft_type} prompt_embeddings", weights.prompt_embeddings,
+                 scale.kv if prefix else scale.embedding,
+                 "largest key/value on real tokens" if prefix else "largest token-embedding value", scale.dtype)
+
+
+def check_prefix(prefix: "AdapterPrefix", scale: BackboneScale) -> None:
+    """A built prefix's keys and values, in the serving dtype, against the backbone's own."""
+    for name, t in (("keys", prefix.k), ("values", prefix.v)):
+        _check_scale(f"the KV prefix's {name}", t, scale.kv, "largest key/value on real tokens", scale.dtype)
 
 
 def parse_adapter(config: dict, tensors: dict[str, torch.Tensor]) -> AdapterWeights:
@@ -129,10 +186,15 @@ def check_fits(weights: AdapterWeights, cfg: ModelConfig) -> None:
 
 
 @torch.inference_mode()
-def build_prefix(model: GPT2, weights: AdapterWeights, key: str) -> AdapterPrefix:
-    """Compute an adapter's shared KV prefix on the model's device and dtype."""
+def build_prefix(model: GPT2, weights: AdapterWeights, key: str, scale: BackboneScale | None = None) -> AdapterPrefix:
+    """Compute an adapter's shared KV prefix on the model's device and dtype, refusing
+    (``AdapterError``) one that does not fit or whose values or built keys/values are not
+    finite or exceed ``ADAPTER_SCALE_LIMIT`` x the backbone's (``scale``: measured here
+    when not given)."""
     cfg = model.config
     check_fits(weights, cfg)
+    scale = scale or backbone_scale(model)
+    check_values(weights, scale)
     param = model.wte.weight
     emb = weights.prompt_embeddings.to(device=param.device)
     n = weights.num_virtual_tokens
@@ -146,4 +208,6 @@ def build_prefix(model: GPT2, weights: AdapterWeights, key: str) -> AdapterPrefi
         model(None, positions, cache, inputs_embeds=emb[None].to(param.dtype))
         k = torch.stack([t[0] for t in cache.k]).contiguous()
         v = torch.stack([t[0] for t in cache.v]).contiguous()
-    return AdapterPrefix(key=key, peft_type=weights.peft_type, k=k, v=v)
+    prefix = AdapterPrefix(key=key, peft_type=weights.peft_type, k=k, v=v)
+    check_prefix(prefix, scale)
+    return prefix

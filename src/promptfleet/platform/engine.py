@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from promptfleet.platform.adapter import AdapterPrefix, AdapterWeights, build_prefix
+from promptfleet.platform.adapter import AdapterPrefix, AdapterWeights, BackboneScale, backbone_scale, build_prefix
 from promptfleet.platform.config import EngineConfig, ModelConfig, resolve_dtype
 from promptfleet.platform.kv_cache import SlotKVCache, resolve_attention
 from promptfleet.platform.model import GPT2
@@ -109,6 +109,7 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._newest: list[Sequence] = []  # the latest admissions (suspects when a step fails)
+        self._scale: BackboneScale | None = None  # what adapters' values are measured against
         self.checkpoint_path: Path | None = None
         self._weights_id: str | None = None
         self._decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
@@ -135,8 +136,17 @@ class Engine:
 
     # ------------------------------------------------------------------ adapters
     def build_adapter(self, weights: AdapterWeights, key: str) -> AdapterPrefix:
-        """Validate ``weights`` against this backbone and compute its shared KV prefix."""
-        return build_prefix(self.model, weights, key)
+        """Validate ``weights`` against this backbone (shapes, and values finite in the
+        serving dtype and within ``ADAPTER_SCALE_LIMIT`` of the backbone's own scale) and
+        compute its shared KV prefix; ``AdapterError`` says what is wrong."""
+        if self._scale is None:
+            self._scale = backbone_scale(self.model)
+        return build_prefix(self.model, weights, key, self._scale)
+
+    def check_adapter(self, weights: AdapterWeights) -> None:
+        """Refuse (``AdapterError``) an adapter this engine could not serve: what an upload
+        runs before anything is stored."""
+        self.build_adapter(weights, "upload-check")
 
     def add_adapter(self, key: str, weights: AdapterWeights | AdapterPrefix) -> AdapterPrefix:
         prefix = weights if isinstance(weights, AdapterPrefix) else self.build_adapter(weights, key)

@@ -45,7 +45,8 @@ def upload_adapter(tenant: LimitedTenantDep, state: StateDep, session: SessionDe
                         limit_mb=state.settings.tenant_max_storage_mb)
     try:
         row = import_adapter(session, storage=state.storage, tenant_id=tenant.id, name=name, archive=archive,
-                             model_config=state.engine.model_config, limits=ArchiveLimits(max_archive_bytes=limit))
+                             model_config=state.engine.model_config, limits=ArchiveLimits(max_archive_bytes=limit),
+                             check=state.engine.check_adapter)
         session.commit()
     except InvalidAdapterName as exc:
         raise bad_request(str(exc), code="invalid_adapter_name", param="name") from None
