@@ -17,7 +17,8 @@ from sqlalchemy import and_, func, select, update
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
-from promptfleet.adapters.archive import ArchiveError, ArchiveLimits, read_adapter_archive, write_adapter_zip
+from promptfleet.adapters.archive import (ArchiveError, ArchiveLimits, BackboneBounds, read_adapter_archive,
+                                          write_adapter_zip)
 from promptfleet.adapters.errors import (AdapterConflict, AdapterIncompatible, AdapterNotFound, AdapterRejected,
                                          InvalidAdapterName)
 from promptfleet.adapters.fingerprint import model_fingerprint
@@ -75,6 +76,10 @@ def _validated(config_bytes: bytes, safetensors_bytes: bytes, model_config: Mode
         raise AdapterRejected(str(exc)) from exc
         if check is not None:
             check(weights)
+    except RecursionError:  # adapter_config.json nested too deeply for the JSON parser
+        raise AdapterRejected("adapter_config.json is not valid JSON: nested too deeply") from None
+    except ValueError as exc:  # e.g. an integer over Python's 4300-digit limit
+        raise AdapterRejected(f"adapter files cannot be parsed: {str(exc)[:200]}") from None
     return weights
 
 
@@ -152,7 +157,8 @@ def import_adapter(session: Session, *, storage: BlobStorage, tenant_id: str, na
     version of ``name``. Raises ``AdapterRejected`` (nothing stored) when it is refused."""
     validate_adapter_name(name)
     try:
-        config_bytes, safetensors_bytes = read_adapter_archive(archive, limits=limits or ArchiveLimits())
+        config_bytes, safetensors_bytes = read_adapter_archive(archive, limits=limits or ArchiveLimits(),
+                                                               backbone=BackboneBounds.of(model_config))
     except ArchiveError as exc:
         raise AdapterRejected(str(exc)) from exc
     weights = _validated(config_bytes, safetensors_bytes, model_config)
