@@ -53,6 +53,8 @@ class Settings(BaseSettings):
     tenant_rate_burst: int = 100
     max_upload_mb: int = 64
     max_dataset_mb: int = 32
+    max_dataset_line_kb: int = Field(default=64, ge=1, description="Longest JSONL line of a dataset upload, checked "
+                                     "before the line is parsed or tokenized.")
     limits_redis_url: str | None = Field(
         default=None, description="Redis for the per-tenant rate and concurrency limits, shared by every API replica; "
                                   "unset = counted per process.")

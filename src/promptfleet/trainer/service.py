@@ -66,7 +66,7 @@ def create_dataset(session: Session, *, storage: BlobStore, tenant_id: str, data
     if len(data) > limits.max_bytes:
         raise DatasetTooLarge(f"dataset is {len(data)} bytes, more than the limit of {limits.max_bytes} bytes")
     examples = parse_dataset(data, tokenizer=tokenizer, max_example_tokens=limits.max_example_tokens,
-                             max_examples=limits.max_examples)
+                             max_examples=limits.max_examples, max_line_bytes=limits.max_line_bytes)
     sha = storage.put(data)
     dataset = Dataset(tenant_id=tenant_id, sha256=sha, num_examples=len(examples),
                       num_tokens=sum(e.num_tokens for e in examples), size_bytes=len(data))
