@@ -56,13 +56,26 @@ class PromptFleetClient:
             raise ClientError(resp.status_code, message)
         return resp
 
+    def list_all(self, path: str, *, page_size: int = 100, **params: Any) -> list[dict]:
+        """Every item of a paginated list endpoint: asks for pages of ``page_size`` with
+        ``after=<last_id>`` while the server says ``has_more``."""
+        items: list[dict] = []
+        after: str | None = None
+        while True:
+            query = {**params, "limit": page_size, **({"after": after} if after else {})}
+            page = self.request("GET", path, params=query).json()
+            items += page["data"]
+            last = page.get("last_id")
+            if not page.get("has_more") or not last or last == after:
+                return items
+            after = last
+
     # -- admin
     def create_tenant(self, name: str) -> dict:
         return self.request("POST", "/admin/tenants", json={"name": name}).json()
 
     def list_tenants(self) -> list[dict]:
-        data = self.request("GET", "/admin/tenants").json()
-        return data["data"] if isinstance(data, dict) else data
+        return self.list_all("/admin/tenants")
 
     def rotate_key(self, tenant_id: str) -> dict:
         return self.request("POST", f"/admin/tenants/{tenant_id}/rotate-key").json()
@@ -73,7 +86,7 @@ class PromptFleetClient:
         return self.request("POST", "/v1/adapters", data={"name": name}, files=files).json()
 
     def list_adapters(self) -> list[dict]:
-        return self.request("GET", "/v1/adapters").json()["data"]
+        return self.list_all("/v1/adapters")
 
     def pull_adapter(self, ref: str, out_dir: Path) -> Path:
         data = self.request("GET", f"/v1/adapters/{ref}/download").content
@@ -93,6 +106,12 @@ class PromptFleetClient:
     def push_dataset(self, path: Path) -> dict:
         files = {"file": (Path(path).name, Path(path).read_bytes(), "application/jsonl")}
         return self.request("POST", "/v1/datasets", files=files).json()
+
+    def list_datasets(self) -> list[dict]:
+        return self.list_all("/v1/datasets")
+
+    def list_jobs(self, status: str | None = None) -> list[dict]:
+        return self.list_all("/v1/jobs", **({"status": status} if status else {}))
 
     def submit_job(self, body: dict) -> dict:
         return self.request("POST", "/v1/jobs", json=body).json()

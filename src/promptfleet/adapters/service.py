@@ -25,6 +25,7 @@ from promptfleet.adapters.fingerprint import model_fingerprint
 from promptfleet.adapters.models import AdapterVersion
 from promptfleet.adapters.storage import BlobStorage, sha256_hex
 from promptfleet.db import utcnow
+from promptfleet.paging import Page, SortKey, UnknownCursor, fetch_page
 from promptfleet.platform.adapter import AdapterError, AdapterWeights, check_fits, parse_adapter_files
 from promptfleet.platform.config import ModelConfig
 from promptfleet.tenants.models import Tenant
@@ -193,15 +194,39 @@ def _live(tenant_id: str, name: str):
                 AdapterVersion.deleted_at.is_(None))
 
 
-def list_adapters(session: Session, *, tenant_id: str) -> list[AdapterVersion]:
-    """The latest live version of each of the tenant's adapter names, by name."""
+def _latest_versions(tenant_id: str):
+    """SELECT of the latest live version of each of the tenant's adapter names (unordered)."""
     latest = (select(AdapterVersion.name, func.max(AdapterVersion.version).label("version"))
               .where(AdapterVersion.tenant_id == tenant_id, AdapterVersion.deleted_at.is_(None))
               .group_by(AdapterVersion.name).subquery())
-    stmt = (select(AdapterVersion)
+    return (select(AdapterVersion)
             .join(latest, and_(AdapterVersion.name == latest.c.name, AdapterVersion.version == latest.c.version))
-            .where(AdapterVersion.tenant_id == tenant_id).order_by(AdapterVersion.name))
-    return list(session.scalars(stmt))
+            .where(AdapterVersion.tenant_id == tenant_id))
+
+
+def list_adapters(session: Session, *, tenant_id: str) -> list[AdapterVersion]:
+    """The latest live version of each of the tenant's adapter names, by name."""
+    return list(session.scalars(_latest_versions(tenant_id).order_by(AdapterVersion.name)))
+
+
+def page_adapters(session: Session, *, tenant_id: str, limit: int | None,
+                  after: str | None = None) -> Page[AdapterVersion]:
+    """``limit`` (None: all) of ``list_adapters``' rows (by name) after the cursor ``after``:
+    an item's id (``name@N``) or name. ``UnknownCursor`` unless the tenant has (or had:
+    deleted versions count, so a deletion between two pages does not break the walk) that
+    name."""
+    cursor = None
+    if after is not None:
+        try:
+            name, _ = parse_ref(after)
+        except AdapterNotFound:
+            raise UnknownCursor(f"unknown cursor {after!r}") from None
+        known = select(AdapterVersion.id).where(AdapterVersion.tenant_id == tenant_id, AdapterVersion.name == name)
+        if session.scalar(known.limit(1)) is None:
+            raise UnknownCursor(f"unknown cursor {after!r}")
+        cursor = (name,)
+    return fetch_page(session, _latest_versions(tenant_id), keys=[SortKey(AdapterVersion.name)], after=cursor,
+                      limit=limit)
 
 
 def list_versions(session: Session, *, tenant_id: str, name: str) -> list[AdapterVersion]:

@@ -112,6 +112,9 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+    has_more: bool = Field(default=False, description="More items follow: ask again with `after=<last_id>`.")
+    first_id: str | None = None
+    last_id: str | None = None
 
 
 # --- adapters -------------------------------------------------------------------------
@@ -131,6 +134,9 @@ class AdapterOut(BaseModel):
 class AdapterList(BaseModel):
     object: Literal["list"] = "list"
     data: list[AdapterOut]
+    has_more: bool = Field(default=False, description="More items follow: ask again with `after=<last_id>`.")
+    first_id: str | None = None
+    last_id: str | None = None
 
 
 # --- datasets and jobs ----------------------------------------------------------------
@@ -148,6 +154,9 @@ class DatasetOut(BaseModel):
 class DatasetList(BaseModel):
     object: Literal["list"] = "list"
     data: list[DatasetOut]
+    has_more: bool = Field(default=False, description="More items follow: ask again with `after=<last_id>`.")
+    first_id: str | None = None
+    last_id: str | None = None
 
 
 class JobCreated(BaseModel):
@@ -179,6 +188,9 @@ class JobOut(BaseModel):
 class JobList(BaseModel):
     object: Literal["list"] = "list"
     data: list[JobOut]
+    has_more: bool = Field(default=False, description="More items follow: ask again with `after=<last_id>`.")
+    first_id: str | None = None
+    last_id: str | None = None
 
 
 # --- admin ----------------------------------------------------------------------------
@@ -214,6 +226,9 @@ class TenantKey(BaseModel):
 class TenantList(BaseModel):
     object: Literal["list"] = "list"
     data: list[TenantOut]
+    has_more: bool = Field(default=False, description="More items follow: ask again with `after=<last_id>`.")
+    first_id: str | None = None
+    last_id: str | None = None
 
 
 class Health(BaseModel):

@@ -11,6 +11,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from promptfleet.db import utcnow
+from promptfleet.paging import Page, SortKey, UnknownCursor, fetch_page
 from promptfleet.tenants.keys import display_prefix, generate_api_key, hash_api_key, looks_like_api_key
 from promptfleet.tenants.models import ApiKey, Tenant
 
@@ -67,6 +68,21 @@ def create_tenant(session: Session, *, name: str, max_concurrent: int | None = N
 
 def list_tenants(session: Session) -> list[Tenant]:
     return list(session.scalars(select(Tenant).order_by(Tenant.created_at, Tenant.name)))
+
+
+_TENANT_ORDER = (SortKey(Tenant.created_at), SortKey(Tenant.name))
+
+
+def page_tenants(session: Session, *, limit: int, after: str | None = None) -> Page[Tenant]:
+    """``limit`` tenants in ``list_tenants``' order (oldest first, names unique) after the
+    tenant whose id is ``after`` (``UnknownCursor`` when there is none)."""
+    cursor = None
+    if after is not None:
+        row = session.execute(select(Tenant.created_at, Tenant.name).where(Tenant.id == after)).first()
+        if row is None:
+            raise UnknownCursor(f"unknown cursor {after!r}")
+        cursor = tuple(row)
+    return fetch_page(session, select(Tenant), keys=_TENANT_ORDER, after=cursor, limit=limit)
 
 
 def get_tenant(session: Session, *, tenant_id: str) -> Tenant:

@@ -19,6 +19,7 @@ from sqlalchemy import func, or_, select, update
 from sqlalchemy.orm import Session
 
 from promptfleet.db import utcnow
+from promptfleet.paging import Page, SortKey, UnknownCursor, fetch_page
 from promptfleet.trainer.datasets import DatasetLimits, parse_dataset
 from promptfleet.trainer.models import ACTIVE_STATUSES, Dataset, TrainingJob
 from promptfleet.tenants.service import lock_tenant
@@ -88,6 +89,24 @@ def list_datasets(session: Session, *, tenant_id: str, limit: int = 100) -> list
     return list(session.scalars(stmt))
 
 
+_NEWEST_FIRST = (SortKey(Dataset.created_at, descending=True), SortKey(Dataset.id))
+_JOBS_NEWEST_FIRST = (SortKey(TrainingJob.created_at, descending=True), SortKey(TrainingJob.id))
+
+
+def page_datasets(session: Session, *, tenant_id: str, limit: int, after: str | None = None) -> Page[Dataset]:
+    """``limit`` of the tenant's datasets, newest first, after the dataset ``after``
+    (``UnknownCursor`` when it is not one of the tenant's)."""
+    cursor = None
+    if after is not None:
+        row = session.execute(select(Dataset.created_at, Dataset.id)
+                              .where(Dataset.tenant_id == tenant_id, Dataset.id == after)).first()
+        if row is None:
+            raise UnknownCursor(f"unknown cursor {after!r}")
+        cursor = tuple(row)
+    return fetch_page(session, select(Dataset).where(Dataset.tenant_id == tenant_id), keys=_NEWEST_FIRST,
+                      after=cursor, limit=limit)
+
+
 # --- jobs -----------------------------------------------------------------------------
 
 def count_active_jobs(session: Session, *, tenant_id: str) -> int:
@@ -144,6 +163,23 @@ def list_jobs(session: Session, *, tenant_id: str, status: str | None = None, li
         stmt = stmt.where(TrainingJob.status == status)
     stmt = stmt.order_by(TrainingJob.created_at.desc(), TrainingJob.id).limit(limit)
     return list(session.scalars(stmt))
+
+
+def page_jobs(session: Session, *, tenant_id: str, limit: int, after: str | None = None,
+              status: str | None = None) -> Page[TrainingJob]:
+    """``limit`` of the tenant's jobs (of ``status`` when given), newest first, after the job
+    ``after`` (``UnknownCursor`` when it is not one of the tenant's; its status may differ)."""
+    cursor = None
+    if after is not None:
+        row = session.execute(select(TrainingJob.created_at, TrainingJob.id)
+                              .where(TrainingJob.tenant_id == tenant_id, TrainingJob.id == after)).first()
+        if row is None:
+            raise UnknownCursor(f"unknown cursor {after!r}")
+        cursor = tuple(row)
+    stmt = select(TrainingJob).where(TrainingJob.tenant_id == tenant_id)
+    if status is not None:
+        stmt = stmt.where(TrainingJob.status == status)
+    return fetch_page(session, stmt, keys=_JOBS_NEWEST_FIRST, after=cursor, limit=limit)
 
 
 def cancel_job(session: Session, *, tenant_id: str, job_id: str) -> TrainingJob:

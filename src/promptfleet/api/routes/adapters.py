@@ -10,15 +10,17 @@ from fastapi.responses import Response
 from promptfleet.adapters.archive import ArchiveLimits
 from promptfleet.adapters.errors import AdapterConflict, AdapterNotFound, AdapterRejected, InvalidAdapterName
 from promptfleet.adapters.models import AdapterVersion
-from promptfleet.adapters.service import (delete_adapter, export_adapter, import_adapter, list_adapters,
+from promptfleet.adapters.service import (delete_adapter, export_adapter, import_adapter, page_adapters,
                                           resolve_adapter)
 from promptfleet.adapters.storage import BlobNotFoundError, CorruptBlobError
 from promptfleet.api.deps import LimitedTenantDep, SessionDep, StateDep
 from promptfleet.api.errors import APIError, bad_request, not_found
+from promptfleet.api.pagination import PageDep, page_fields, unknown_cursor
 from promptfleet.api.quotas import check_storage_quota
 from promptfleet.api.responses import error_responses
 from promptfleet.api.schemas import AdapterList, AdapterOut
 from promptfleet.api.uploads import read_upload
+from promptfleet.paging import UnknownCursor
 
 router = APIRouter(prefix="/v1/adapters", tags=["adapters"])
 
@@ -57,9 +59,15 @@ def upload_adapter(tenant: LimitedTenantDep, state: StateDep, session: SessionDe
     return adapter_out(row)
 
 
-@router.get("", response_model=AdapterList, responses=error_responses(401, 429))
-def get_adapters(tenant: LimitedTenantDep, session: SessionDep) -> AdapterList:
-    return AdapterList(data=[adapter_out(r) for r in list_adapters(session, tenant_id=tenant.id)])
+@router.get("", response_model=AdapterList, responses=error_responses(400, 401, 422, 429))
+def get_adapters(tenant: LimitedTenantDep, session: SessionDep, page: PageDep) -> AdapterList:
+    """The latest version of each adapter name, by name; ``after`` is an item's ``id``."""
+    try:
+        rows = page_adapters(session, tenant_id=tenant.id, limit=page.limit, after=page.after)
+    except UnknownCursor:
+        raise unknown_cursor(page.after or "") from None
+    data = [adapter_out(r) for r in rows.items]
+    return AdapterList(data=data, **page_fields([a.id for a in data], rows.has_more))
 
 
 @router.get("/{name}", response_model=AdapterOut, responses=error_responses(401, 404, 429))

@@ -6,11 +6,13 @@ from fastapi import APIRouter, Depends
 
 from promptfleet.api.deps import SessionDep, plausible_id, require_admin
 from promptfleet.api.errors import APIError, bad_request, not_found
+from promptfleet.api.pagination import PageDep, page_fields, unknown_cursor
 from promptfleet.api.responses import error_responses
 from promptfleet.api.schemas import TenantCreate, TenantCreated, TenantKey, TenantList, TenantOut
+from promptfleet.paging import UnknownCursor
 from promptfleet.tenants.models import Tenant
 from promptfleet.tenants.service import (InvalidTenantName, TenantExistsError, TenantNotFound, create_tenant,
-                                         get_tenant, list_tenants, rotate_key)
+                                         get_tenant, page_tenants, rotate_key)
 
 router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(require_admin)])
 
@@ -34,9 +36,17 @@ def new_tenant(body: TenantCreate, session: SessionDep) -> TenantCreated:
     return TenantCreated(api_key=api_key, **tenant_out(tenant))
 
 
-@router.get("/tenants", response_model=TenantList, responses=error_responses(401))
-def all_tenants(session: SessionDep) -> TenantList:
-    return TenantList(data=[TenantOut(**tenant_out(t)) for t in list_tenants(session)])
+@router.get("/tenants", response_model=TenantList, responses=error_responses(400, 401, 422))
+def all_tenants(session: SessionDep, page: PageDep) -> TenantList:
+    """Tenants, oldest first."""
+    if page.after is not None and not plausible_id(page.after):
+        raise unknown_cursor(page.after)
+    try:
+        rows = page_tenants(session, limit=page.limit, after=page.after)
+    except UnknownCursor:
+        raise unknown_cursor(page.after or "") from None
+    return TenantList(data=[TenantOut(**tenant_out(t)) for t in rows.items],
+                      **page_fields([t.id for t in rows.items], rows.has_more))
 
 
 @router.post("/tenants/{tenant_id}/rotate-key", response_model=TenantKey, responses=error_responses(401, 404))

@@ -8,13 +8,15 @@ from fastapi import APIRouter, File, UploadFile
 
 from promptfleet.api.deps import LimitedTenantDep, SessionDep, StateDep, plausible_id
 from promptfleet.api.errors import bad_request, not_found, too_large
+from promptfleet.api.pagination import PageDep, page_fields, unknown_cursor
 from promptfleet.api.quotas import check_storage_quota
 from promptfleet.api.responses import error_responses
 from promptfleet.api.schemas import DatasetList, DatasetOut
 from promptfleet.api.uploads import read_upload
 from promptfleet.trainer.datasets import DatasetError, DatasetLimits
 from promptfleet.trainer.models import Dataset
-from promptfleet.trainer.service import DatasetTooLarge, NotFound, create_dataset, get_dataset, list_datasets
+from promptfleet.paging import UnknownCursor
+from promptfleet.trainer.service import DatasetTooLarge, NotFound, create_dataset, get_dataset, page_datasets
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
 
@@ -42,9 +44,17 @@ def upload_dataset(tenant: LimitedTenantDep, state: StateDep, session: SessionDe
     return dataset_out(row)
 
 
-@router.get("", response_model=DatasetList, responses=error_responses(401, 429))
-def get_datasets(tenant: LimitedTenantDep, session: SessionDep) -> DatasetList:
-    return DatasetList(data=[dataset_out(r) for r in list_datasets(session, tenant_id=tenant.id)])
+@router.get("", response_model=DatasetList, responses=error_responses(400, 401, 422, 429))
+def get_datasets(tenant: LimitedTenantDep, session: SessionDep, page: PageDep) -> DatasetList:
+    """The tenant's datasets, newest first."""
+    if page.after is not None and not plausible_id(page.after):
+        raise unknown_cursor(page.after)
+    try:
+        rows = page_datasets(session, tenant_id=tenant.id, limit=page.limit, after=page.after)
+    except UnknownCursor:
+        raise unknown_cursor(page.after or "") from None
+    return DatasetList(data=[dataset_out(r) for r in rows.items],
+                       **page_fields([r.id for r in rows.items], rows.has_more))
 
 
 @router.get("/{dataset_id}", response_model=DatasetOut, responses=error_responses(401, 404, 429))

@@ -9,12 +9,15 @@ from fastapi.responses import JSONResponse
 
 from promptfleet.api.deps import LimitedTenantDep, SessionDep, StateDep, plausible_id
 from promptfleet.api.errors import APIError, not_found, too_many_requests
+from promptfleet.api.pagination import PageDep, page_fields, unknown_cursor
 from promptfleet.api.responses import error_responses
 from promptfleet.api.schemas import JobCreated, JobList, JobOut
+from promptfleet.paging import UnknownCursor
 from promptfleet.trainer.models import JOB_STATUSES, TrainingJob
 from promptfleet.trainer.schemas import JobRequest
 from promptfleet.trainer.service import (EnqueueError, JobNotCancellable, NotFound, TooManyJobs, cancel_job, get_job,
                                          list_jobs, submit_job)
+from promptfleet.trainer.service import page_jobs
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
@@ -42,14 +45,20 @@ def create_job(body: JobRequest, tenant: LimitedTenantDep, state: StateDep, sess
                         headers={"Location": f"/v1/jobs/{job.id}"})
 
 
-@router.get("", response_model=JobList, responses=error_responses(401, 422, 429))
-def get_jobs(tenant: LimitedTenantDep, session: SessionDep,
-             status: Annotated[str | None, Query(description=f"one of {', '.join(JOB_STATUSES)}")] = None,
-             limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> JobList:
+@router.get("", response_model=JobList, responses=error_responses(400, 401, 422, 429))
+def get_jobs(tenant: LimitedTenantDep, session: SessionDep, page: PageDep,
+             status: Annotated[str | None, Query(description=f"one of {', '.join(JOB_STATUSES)}")] = None) -> JobList:
+    """The tenant's jobs (of ``status`` when given), newest first."""
     if status is not None and status not in JOB_STATUSES:
         raise APIError(400, f"status must be one of {', '.join(JOB_STATUSES)}", code="invalid_parameters",
                        param="status")
-    return JobList(data=[job_out(j) for j in list_jobs(session, tenant_id=tenant.id, status=status, limit=limit)])
+    if page.after is not None and not plausible_id(page.after):
+        raise unknown_cursor(page.after)
+    try:
+        rows = page_jobs(session, tenant_id=tenant.id, limit=page.limit, after=page.after, status=status)
+    except UnknownCursor:
+        raise unknown_cursor(page.after or "") from None
+    return JobList(data=[job_out(j) for j in rows.items], **page_fields([j.id for j in rows.items], rows.has_more))
 
 
 @router.get("/{job_id}", response_model=JobOut, responses=error_responses(401, 404, 429))
