@@ -73,10 +73,10 @@ def _validated(config_bytes: bytes, safetensors_bytes: bytes, model_config: Mode
     try:
         weights = parse_adapter_files(config_bytes, safetensors_bytes)
         check_fits(weights, model_config)
-    except AdapterError as exc:
-        raise AdapterRejected(str(exc)) from exc
         if check is not None:
             check(weights)
+    except AdapterError as exc:
+        raise AdapterRejected(str(exc)) from exc
     except RecursionError:  # adapter_config.json nested too deeply for the JSON parser
         raise AdapterRejected("adapter_config.json is not valid JSON: nested too deeply") from None
     except ValueError as exc:  # e.g. an integer over Python's 4300-digit limit
@@ -162,7 +162,7 @@ def import_adapter(session: Session, *, storage: BlobStorage, tenant_id: str, na
                                                                backbone=BackboneBounds.of(model_config))
     except ArchiveError as exc:
         raise AdapterRejected(str(exc)) from exc
-    weights = _validated(config_bytes, safetensors_bytes, model_config)
+    weights = _validated(config_bytes, safetensors_bytes, model_config, check)
     _require_tenant(session, tenant_id)
     return _store(session, storage=storage, tenant_id=tenant_id, name=name, weights=weights,
                   blob=write_adapter_zip(config_bytes, safetensors_bytes), model_config=model_config,
@@ -182,7 +182,7 @@ def register_adapter(session: Session, *, storage: BlobStorage, tenant_id: str, 
     if not isinstance(config, dict):
         raise AdapterRejected("adapter config must be a JSON object (dict)")
     config_bytes = json.dumps(config, indent=2, sort_keys=True).encode("utf-8")
-    weights = _validated(config_bytes, safetensors_bytes, model_config, check)
+    weights = _validated(config_bytes, safetensors_bytes, model_config)
     _require_tenant(session, tenant_id)
     return _store(session, storage=storage, tenant_id=tenant_id, name=name, weights=weights,
                   blob=write_adapter_zip(config_bytes, safetensors_bytes), model_config=model_config,

@@ -93,16 +93,16 @@ class SlotKVCache:
                     self.v[layer][slot, lo:upto].zero_()
                 self.initialized[slot] = upto
 
-    @property
-    def bytes_per_token(self) -> int:
-        return 2 * self.cfg.n_layer * self.cfg.n_embd * self.k[0].element_size()
-
-    def copy_prefix(self, slot: int, prefix: AdapterPrefix) -> None:
     def forget(self, slot: int) -> None:
         """Treat ``slot`` as never written (it may hold a failed sequence's NaN/Inf): the
         next read past what its next owner wrote zeroes it again (see ``initialized``)."""
         self.initialized[slot] = 0
 
+    @property
+    def bytes_per_token(self) -> int:
+        return 2 * self.cfg.n_layer * self.cfg.n_embd * self.k[0].element_size()
+
+    def copy_prefix(self, slot: int, prefix: AdapterPrefix) -> None:
         """Put an adapter's shared virtual-token K/V at positions 0..n-1 of ``slot``."""
         n = prefix.num_virtual_tokens
         self.initialized[slot] = max(self.initialized[slot], n)
