@@ -74,6 +74,24 @@ class Settings(BaseSettings):
     job_resend_after_s: float = Field(
         default=300.0, description="A job still queued this long after its broker message was sent gets the message "
                                    "again (a broker that lost it); duplicates are dropped by the claim. 0 = never.")
+    job_max_wall_s: float = Field(
+        default=3600.0, description="A running training attempt that runs longer than this (wall clock, from its "
+                                    "start) is stopped at its next step and fails; no adapter. 0 = no limit.")
+    job_max_train_examples: int = Field(
+        default=100_000, description="Per-job budget of example-passes (epochs x dataset examples, or max_steps x "
+                                     "batch_size when smaller); a larger job is refused at submit. 0 = no limit.")
+    tenant_train_examples_per_day: int = Field(
+        default=0, description="Per-tenant budget of example-passes over the jobs created in the last 24 h (jobs "
+                               "cancelled or failed before they started do not count). 0 = no limit.")
+    train_threads: int = Field(
+        default=0, description="torch intra-op threads of a training job; 0 = half the cores (at least 1) in the "
+                               "embedded worker, torch's default in a standalone worker.")
+    train_nice: int = Field(
+        default=10, ge=0, le=19, description="Niceness of the embedded worker's training process, so the API and "
+                                             "engine keep the CPU they need (standalone workers: unchanged).")
+    embedded_train_subprocess: bool = Field(
+        default=True, description="The embedded worker trains in a child process (own GIL, own torch threads, "
+                                  "niced) instead of in a thread of the server process.")
 
     # --- logging
     log_json: bool = False

@@ -9,7 +9,7 @@ import uuid
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, Boolean, Float, ForeignKey, Integer, String, Text
+from sqlalchemy import JSON, BigInteger, Boolean, Float, ForeignKey, Index, Integer, String, Text
 from sqlalchemy.orm import Mapped, mapped_column
 
 from promptfleet.db import Base, UTCDateTime, utcnow
@@ -43,6 +43,7 @@ class Dataset(Base):
 
 class TrainingJob(Base):
     __tablename__ = "training_jobs"
+    __table_args__ = (Index("ix_training_jobs_tenant_created", "tenant_id", "created_at"),)  # rolling budget
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
     tenant_id: Mapped[str] = mapped_column(String(32), ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
@@ -64,6 +65,8 @@ class TrainingJob(Base):
     heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     enqueued_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)  # last broker message sent
     attempts: Mapped[int] = mapped_column(Integer, default=0)
+    # what the job was admitted for (epochs x examples, or max_steps x batch_size); NULL before 0004
+    example_passes: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)

@@ -11,7 +11,9 @@ reapers never overwrite each other's outcome.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Protocol
 
@@ -57,6 +59,19 @@ class JobNotCancellable(TrainerError):
 
 class EnqueueError(TrainerError):
     """The broker refused the job; the job is marked failed."""
+
+
+class TrainingBudgetExceeded(TrainerError):
+    """The job would train more example-passes than the per-job or per-tenant daily budget."""
+
+
+@dataclass(frozen=True)
+class TrainingBudget:
+    """Example-pass budgets checked at submit (0 = no limit): per job, and per tenant over
+    the jobs it created in the last 24 h."""
+
+    per_job: int = 0
+    per_tenant_day: int = 0
 
 
 # --- datasets -------------------------------------------------------------------------
@@ -115,23 +130,64 @@ def count_active_jobs(session: Session, *, tenant_id: str) -> int:
     return int(session.scalar(stmt) or 0)
 
 
+def example_passes(*, num_examples: int, request: JobRequest) -> tuple[int, str]:
+    """How many examples a job feeds through the model (one per example per epoch, or as
+    many as its ``max_steps`` batches hold when that ends it sooner), and that sum in words."""
+    per_epoch = math.ceil(num_examples / request.batch_size)
+    if not request.max_steps or request.max_steps >= request.epochs * per_epoch:
+        passes = request.epochs * num_examples
+        return passes, f"{request.epochs:,} epochs x {num_examples:,} examples = {passes:,} example-passes"
+    full_epochs, rest = divmod(request.max_steps, per_epoch)
+    passes = full_epochs * num_examples + min(rest * request.batch_size, num_examples)
+    return passes, (f"{request.max_steps:,} steps (max_steps) of batch_size {request.batch_size:,} "
+                    f"over {num_examples:,} examples = {passes:,} example-passes")
+
+
+def example_passes_last_day(session: Session, *, tenant_id: str) -> int:
+    """Example-passes of the tenant's jobs created in the last 24 h, except those cancelled
+    or failed before they started (they trained nothing)."""
+    never_ran = TrainingJob.status.in_(("cancelled", "failed")) & TrainingJob.started_at.is_(None)
+    stmt = select(func.coalesce(func.sum(TrainingJob.example_passes), 0)).where(
+        TrainingJob.tenant_id == tenant_id, TrainingJob.created_at >= utcnow() - timedelta(days=1), ~never_ran)
+    return int(session.scalar(stmt) or 0)
+
+
+def check_training_budget(session: Session, *, tenant_id: str, passes: int, described: str,
+                          budget: TrainingBudget) -> None:
+    """``TrainingBudgetExceeded`` (naming the numbers and the setting) when ``passes`` is over
+    a budget. Call with the tenant locked, so two submissions cannot both fit the last room."""
+    if budget.per_job and passes > budget.per_job:
+        raise TrainingBudgetExceeded(f"this job would train {described}, over the per-job budget of "
+                                     f"{budget.per_job:,} (PROMPTFLEET_JOB_MAX_TRAIN_EXAMPLES)")
+    if budget.per_tenant_day:
+        used = example_passes_last_day(session, tenant_id=tenant_id)
+        if used + passes > budget.per_tenant_day:
+            raise TrainingBudgetExceeded(
+                f"this job would train {described}; with the {used:,} of this tenant's jobs from the last 24 h "
+                f"that makes {used + passes:,}, over the per-tenant daily budget of {budget.per_tenant_day:,} "
+                "(PROMPTFLEET_TENANT_TRAIN_EXAMPLES_PER_DAY)")
+
+
 def submit_job(session: Session, *, tenant_id: str, request: JobRequest, enqueue: Callable[[str], str | None],
-               max_active_jobs: int = 2) -> TrainingJob:
+               max_active_jobs: int = 2, budget: TrainingBudget = TrainingBudget()) -> TrainingJob:
     """Record a queued job, commit, then ``enqueue(job_id)`` (returns the Celery task id).
 
     ``NotFound`` when the dataset is not the tenant's; ``TooManyJobs`` at the limit of
-    queued + running jobs; ``EnqueueError`` (job marked failed) when the broker refuses.
+    queued + running jobs; ``TrainingBudgetExceeded`` over an example-pass budget;
+    ``EnqueueError`` (job marked failed) when the broker refuses.
     """
     if not lock_tenant(session, tenant_id=tenant_id):  # one submission of a tenant at a time
         raise NotFound(f"tenant {tenant_id!r} not found")
-    get_dataset(session, tenant_id=tenant_id, dataset_id=request.dataset_id)
+    dataset = get_dataset(session, tenant_id=tenant_id, dataset_id=request.dataset_id)
     active = count_active_jobs(session, tenant_id=tenant_id)
     if active >= max_active_jobs:
         raise TooManyJobs(f"tenant has {active} queued or running jobs (limit {max_active_jobs}); "
                           "wait for one to finish or cancel one")
+    passes, described = example_passes(num_examples=dataset.num_examples, request=request)
+    check_training_budget(session, tenant_id=tenant_id, passes=passes, described=described, budget=budget)
     job = TrainingJob(tenant_id=tenant_id, adapter_name=request.adapter_name, dataset_id=request.dataset_id,
                       method=request.method, params=request.params(), status="queued", metrics={},
-                      enqueued_at=utcnow())
+                      enqueued_at=utcnow(), example_passes=passes)
     session.add(job)
     session.commit()
     try:

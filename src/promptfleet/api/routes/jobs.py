@@ -15,8 +15,8 @@ from promptfleet.api.schemas import JobCreated, JobList, JobOut
 from promptfleet.paging import UnknownCursor
 from promptfleet.trainer.models import JOB_STATUSES, TrainingJob
 from promptfleet.trainer.schemas import JobRequest
-from promptfleet.trainer.service import (EnqueueError, JobNotCancellable, NotFound, TooManyJobs, cancel_job, get_job,
-                                         list_jobs, submit_job)
+from promptfleet.trainer.service import (EnqueueError, JobNotCancellable, NotFound, TooManyJobs, TrainingBudget,
+                                         TrainingBudgetExceeded, cancel_job, get_job, list_jobs, submit_job)
 from promptfleet.trainer.service import page_jobs
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
@@ -28,15 +28,20 @@ def job_out(job: TrainingJob) -> JobOut:
 
 
 @router.post("", status_code=202, response_model=JobCreated,
-             responses=error_responses(400, 401, 404, 413, 422, 429, 503))
+             responses=error_responses(400, 401, 403, 404, 413, 422, 429, 503))
 def create_job(body: JobRequest, tenant: LimitedTenantDep, state: StateDep, session: SessionDep) -> JSONResponse:
     if not plausible_id(body.dataset_id):
         raise not_found(f"dataset {body.dataset_id!r} not found", code="dataset_not_found")
+    settings = state.settings
+    budget = TrainingBudget(per_job=settings.job_max_train_examples,
+                            per_tenant_day=settings.tenant_train_examples_per_day)
     try:
         job = submit_job(session, tenant_id=tenant.id, request=body, enqueue=state.enqueue,
-                         max_active_jobs=state.settings.tenant_max_running_jobs)
+                         max_active_jobs=settings.tenant_max_running_jobs, budget=budget)
     except NotFound as exc:
         raise not_found(str(exc), code="dataset_not_found") from None
+    except TrainingBudgetExceeded as exc:
+        raise APIError(403, str(exc), code="training_budget_exceeded") from None
     except TooManyJobs as exc:
         raise too_many_requests(str(exc), retry_after=30, code="too_many_jobs") from None
     except EnqueueError as exc:
