@@ -19,7 +19,8 @@ become ``NativeLayerNorm`` too, and decode-only steps run through
 ``native_decode.NativeDecode``) and gives the model a packed copy of the tied LM head;
 ``kernels="torch"`` keeps plain PyTorch (and is what every non-CPU device gets). ``auto``
 takes ``avx512`` where it builds for the dtype, else ``onednn`` (fp32, bf16), else
-``torch``.
+``torch``. Llama-family models (``llama.Llama``) get ``onednn`` or ``torch`` for now: the
+native kernels have no RMSNorm, SwiGLU, RoPE or grouped-query decode yet.
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ import logging
 import torch
 from torch import nn
 
+from promptfleet.platform.llama import Llama
 from promptfleet.platform.model import GPT2
 from promptfleet.platform.native_kernels import huge_page_empty, native_kernels, unavailable_for
 from promptfleet.platform.native_decode import NativeDecode
@@ -69,13 +71,16 @@ def onednn_linear_available(device: torch.device, dtype: torch.dtype) -> bool:
     )
 
 
-def resolve_kernels(kernels: str, device: torch.device, dtype: torch.dtype) -> str:
+def resolve_kernels(kernels: str, device: torch.device, dtype: torch.dtype, family: str = "gpt2") -> str:
     """``auto`` -> ``avx512`` where it builds and runs for the dtype (CPU; fp32, bf16 with
-    AVX512-BF16), else ``onednn`` where that is available, else ``torch``. Asking for one
-    that cannot run here is an error that says why."""
+    AVX512-BF16; GPT-2 only for now), else ``onednn`` where that is available, else
+    ``torch``. Asking for one that cannot run here is an error that says why."""
     if kernels not in KERNELS:
         raise ValueError(f"unknown linear kernels {kernels!r}; use one of {', '.join(KERNELS)}")
-    if kernels in ("auto", "avx512"):
+    if kernels == "avx512" and family != "gpt2":
+        raise ValueError(f"the avx512 kernels run GPT-2 models only for now, not {family!r}; "
+                         "use auto, onednn or torch")
+    if kernels in ("auto", "avx512") and family == "gpt2":
         reason = unavailable_for(device, dtype)
         if reason is None:
             return "avx512"
@@ -142,14 +147,17 @@ class PackedLinear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, fused={self.activation}"
 
 
-def pack_linears(model: GPT2, kernels: str = "auto") -> str:
-    """Switch ``model`` (our ``GPT2``) to packed linears in place; returns the kernels used."""
+def pack_linears(model: GPT2 | Llama, kernels: str = "auto") -> str:
+    """Switch ``model`` (our ``GPT2`` or ``Llama``) to packed linears in place; returns the
+    kernels used."""
     weight = model.wte.weight
-    chosen = resolve_kernels(kernels, weight.device, weight.dtype)
+    chosen = resolve_kernels(kernels, weight.device, weight.dtype, model.config.family)
     if model.linear_kernels != "torch":
         return model.linear_kernels  # already packed (packing is one-way)
     if chosen == "torch":
         return "torch"
+    if isinstance(model, Llama):
+        return _pack_llama_onednn(model)
     act = model.config.activation_function
     if chosen == "avx512":
         gemm = native_kernels()
@@ -183,3 +191,17 @@ def pack_linears(model: GPT2, kernels: str = "auto") -> str:
             layer.warm_up()
     log.info("linears packed for %s (%d blocks + LM head)", chosen, len(model.blocks))
     return chosen
+
+
+def _pack_llama_onednn(model: Llama) -> str:
+    """oneDNN-packed copies of a Llama's linears (SiLU-gate stays in torch) and LM head."""
+    for block in model.blocks:
+        block.qkv, block.o_proj = PackedLinear(block.qkv), PackedLinear(block.o_proj)
+        block.gate_up, block.down = PackedLinear(block.gate_up), PackedLinear(block.down)
+    model.lm_head = PackedLinear(model.wte.weight if model.lm_head is None else model.lm_head)
+    model.linear_kernels = "onednn"
+    first = model.blocks[0]
+    for layer in (first.qkv, first.o_proj, first.gate_up, first.down, model.lm_head):
+        layer.warm_up()
+    log.info("linears packed for onednn (%d Llama blocks + LM head)", len(model.blocks))
+    return "onednn"

@@ -110,8 +110,9 @@ class GPT2(nn.Module):
 
 class DenseCache:
     """A plain growing KV cache for one batch of equal-length rows (prefix building,
-    tests). Keeps every layer's keys/values as ``[B, H, T, D]``; the causal mask is
-    aligned to the end of the keys, as it must be when queries follow cached keys."""
+    tests). Keeps every layer's keys/values as ``[B, H_kv, T, D]`` (``H_kv`` < the query
+    heads under grouped-query attention); the causal mask is aligned to the end of the
+    keys, as it must be when queries follow cached keys."""
 
     def __init__(self, n_layer: int) -> None:
         self.k: list[torch.Tensor | None] = [None] * n_layer
@@ -129,11 +130,12 @@ class DenseCache:
         self.k[layer], self.v[layer] = k, v
         tq, tk = q.shape[2], k.shape[2]
         scale = 1.0 / math.sqrt(q.shape[-1])
+        gqa = q.shape[1] != k.shape[1]  # each KV head serves n_head / n_kv_head query heads
         if tq == tk:  # no cached keys: top-left and bottom-right alignment agree
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=tq > 1, scale=scale)
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=tq > 1, scale=scale, enable_gqa=gqa)
         else:
             mask = None
             if tq > 1:
                 mask = torch.ones(tq, tk, dtype=torch.bool, device=q.device).tril(diagonal=tk - tq)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
         return out.transpose(1, 2)
