@@ -25,13 +25,14 @@ import torch
 from promptfleet.platform.adapter import AdapterPrefix, AdapterWeights, BackboneScale, backbone_scale, build_prefix
 from promptfleet.platform.config import EngineConfig, ModelConfig, resolve_dtype
 from promptfleet.platform.kv_cache import SlotKVCache, resolve_attention
+from promptfleet.platform.llama import Llama
 from promptfleet.platform.model import GPT2
 from promptfleet.platform.packing import Group, pack, plan_step
 from promptfleet.platform.sampling import SamplingParams, sample
 from promptfleet.platform.scheduler import QueueFullError, RequestTooLargeError, Scheduler
 from promptfleet.platform.sequence import CompletionDelta, Sequence, SeqStatus
 from promptfleet.platform.tokenizer import load_tokenizer
-from promptfleet.platform.weights import load_gpt2, resolve_checkpoint, weights_id
+from promptfleet.platform.weights import load_model, resolve_checkpoint, weights_id
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +79,7 @@ class EngineStats:
 
 
 class Engine:
-    def __init__(self, model: GPT2, tokenizer, config: EngineConfig | None = None) -> None:
+    def __init__(self, model: GPT2 | Llama, tokenizer, config: EngineConfig | None = None) -> None:
         self.config = config or EngineConfig()
         self.model = model
         self.tokenizer = tokenizer
@@ -87,7 +88,8 @@ class Engine:
         self.dtype = model.wte.weight.dtype
         c = self.config
         self.max_model_len = min(c.max_model_len or self.model_config.n_positions, self.model_config.n_positions)
-        backend = resolve_attention(c.attention, self.device, self.dtype, self.model_config.head_dim)
+        backend = resolve_attention(c.attention, self.device, self.dtype, self.model_config.head_dim,
+                                    self.model_config.family)
         self.attention_backend = backend
         self.cache = SlotKVCache(self.model_config, max_slots=c.max_batch_size, max_len=self.max_model_len,
                                  device=self.device, dtype=self.dtype, backend=backend,
@@ -122,7 +124,8 @@ class Engine:
         dtype = resolve_dtype(config.device, config.dtype)
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
-        model = load_gpt2(path, device=config.device, dtype=dtype, linear_kernels=config.linear_kernels)
+        # the family (GPT-2 or Llama) comes from the checkpoint's config
+        model = load_model(path, device=config.device, dtype=dtype, linear_kernels=config.linear_kernels)
         engine = cls(model, load_tokenizer(path), config)
         engine.checkpoint_path = path
         return engine

@@ -2,7 +2,8 @@
 0..B-1 of the running batch are slots 0..B-1), so a decode step reads the batch's keys
 as one strided view with no gather.
 
-Layout per layer, for both backends: ``[slots, max_len + pad, heads, head_dim]``, so one
+Layout per layer, for both backends: ``[slots, max_len + pad, kv_heads, head_dim]`` (the
+key/value heads: fewer than the query heads under grouped-query attention), so one
 token's keys for all heads are one contiguous row: a decode step writes B rows of
 ``heads * head_dim`` (not B * heads scattered ones) and SDPA reads ``[B, H, T, D]`` as a
 strided view. ``pad`` is 1 for SDPA (position ``max_len`` is a scratch row that padded
@@ -45,19 +46,23 @@ def flash_attn_available(device: torch.device) -> bool:
     return device.type == "cuda" and _flash_attn_importable()
 
 
-def resolve_attention(name: str, device: torch.device, dtype: torch.dtype, head_dim: int) -> str:
+def resolve_attention(name: str, device: torch.device, dtype: torch.dtype, head_dim: int,
+                      family: str = "gpt2") -> str:
     """``auto`` -> ``flash`` on CUDA in fp16/bf16 with flash-attn installed, ``avx512`` on
-    CPU where the native kernels run for the dtype, else ``sdpa``. Asking for one that cannot
-    run here is an error that says why."""
+    CPU where the native kernels run for the dtype (GPT-2 only for now), else ``sdpa``.
+    Asking for one that cannot run here is an error that says why."""
     if name not in ATTENTION:
         raise ValueError(f"unknown attention backend {name!r}; use one of {', '.join(ATTENTION)}")
+    if name == "avx512" and family != "gpt2":
+        raise ValueError(f"the avx512 attention kernel runs GPT-2 models only for now, not {family!r}; "
+                         "use auto or sdpa")
     if name == "auto" and flash_attn_available(device) and dtype != torch.float32:
         return "flash"
     if name == "flash":
         if not _flash_attn_importable():
             raise ValueError("flash attention needs the flash-attn package (pip install 'promptfleet[gpu]', CUDA)")
         return "flash"
-    if name in ("auto", "avx512"):
+    if name in ("auto", "avx512") and family == "gpt2":
         reason = f"head_dim {head_dim} is not a multiple of 16" if head_dim % 16 else unavailable_for(device, dtype)
         if reason is None:
             return "avx512"
@@ -72,7 +77,7 @@ class SlotKVCache:
         self.cfg, self.max_slots, self.max_len, self.backend = cfg, max_slots, max_len, backend
         # decode groups go through the native kernel; everything else as with sdpa
         self.decode_kernels: NativeKernels | None = native_kernels() if backend == "avx512" else None
-        h, d = cfg.n_head, cfg.head_dim
+        h, d = cfg.n_kv_head, cfg.head_dim
         shape = (max_slots, max_len + (prefill_pad if backend == "flash" else 1), h, d)
         self.k = [torch.empty(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
         self.v = [torch.empty(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
@@ -100,14 +105,15 @@ class SlotKVCache:
 
     @property
     def bytes_per_token(self) -> int:
-        return 2 * self.cfg.n_layer * self.cfg.n_embd * self.k[0].element_size()
+        return 2 * self.cfg.n_layer * self.cfg.kv_dim * self.k[0].element_size()
 
     def copy_prefix(self, slot: int, prefix: AdapterPrefix) -> None:
-        """Put an adapter's shared virtual-token K/V at positions 0..n-1 of ``slot``."""
+        """Put an adapter's shared virtual-token K/V (``[n_layer, H_kv, n, D]``) at positions
+        0..n-1 of ``slot``."""
         n = prefix.num_virtual_tokens
         self.initialized[slot] = max(self.initialized[slot], n)
         for layer in range(self.cfg.n_layer):
-            pk, pv = prefix.k[layer], prefix.v[layer]  # [H, n, D]
+            pk, pv = prefix.k[layer], prefix.v[layer]  # [H_kv, n, D]
             self.k[layer][slot, :n].copy_(pk.transpose(0, 1))
             self.v[layer][slot, :n].copy_(pv.transpose(0, 1))
 
@@ -170,14 +176,15 @@ class SlotBatch:
         s0, s1 = self.slot0, self.slot0 + self.B
         keys, values = kc[s0:s1, : self.tk].transpose(1, 2), vc[s0:s1, : self.tk].transpose(1, 2)
         q = q.transpose(1, 2)
+        gqa = q.shape[1] != keys.shape[1]  # grouped-query attention: SDPA shares each KV head
         if q.dtype == torch.bfloat16 and q.device.type == "cpu":
             # torch's CPU flash kernel is ~5x slower in bf16 than in fp32 (36.6 vs 6.8 ms a
             # batch-32 decode step, upcasting included): read the bf16 cache, attend in fp32
             out = F.scaled_dot_product_attention(q.float(), keys.float(), values.float(), attn_mask=self.mask,
-                                                 scale=1.0 / math.sqrt(q.shape[-1])).to(q.dtype)
+                                                 scale=1.0 / math.sqrt(q.shape[-1]), enable_gqa=gqa).to(q.dtype)
         else:
             out = F.scaled_dot_product_attention(q, keys, values, attn_mask=self.mask,
-                                                 scale=1.0 / math.sqrt(q.shape[-1]))
+                                                 scale=1.0 / math.sqrt(q.shape[-1]), enable_gqa=gqa)
         return out.transpose(1, 2)
 
     def _flash(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -212,14 +219,14 @@ class PackedBatch:
         return DecodePlan(k=g.cache.k, v=g.cache.v, slot0=g.slot0, lens=g.native_lens)
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        heads, dim = q.shape[2], q.shape[3]
+        heads, kv_heads, dim = q.shape[2], k.shape[2], q.shape[3]
         if len(self.groups) == 1:  # a decode-only step: nothing to split or join
             g = self.groups[0]
-            shape = (g.B, g.T, heads, dim)
-            return g.attend(layer, q.view(shape), k.view(shape), v.view(shape)).reshape(1, g.B * g.T, heads, dim)
+            shape, kv_shape = (g.B, g.T, heads, dim), (g.B, g.T, kv_heads, dim)
+            return g.attend(layer, q.view(shape), k.view(kv_shape), v.view(kv_shape)).reshape(1, g.B * g.T, heads, dim)
         outs = []
         for g, qs, ks, vs in zip(self.groups, q.split(self.sizes, 1), k.split(self.sizes, 1), v.split(self.sizes, 1)):
-            shape = (g.B, g.T, heads, dim)
-            out = g.attend(layer, qs.reshape(shape), ks.reshape(shape), vs.reshape(shape))
+            shape, kv_shape = (g.B, g.T, heads, dim), (g.B, g.T, kv_heads, dim)
+            out = g.attend(layer, qs.reshape(shape), ks.reshape(kv_shape), vs.reshape(kv_shape))
             outs.append(out.reshape(1, g.B * g.T, heads, dim))
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
