@@ -11,10 +11,10 @@ def make_peft_adapter(checkpoint: Path, out: Path, method: str, n_virtual: int, 
     """Build a PEFT adapter of ``method`` (prompt_tuning, p_tuning, prefix_tuning) with
     seeded non-trivial weights and ``save_pretrained`` it to ``out``."""
     from peft import PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig, get_peft_model
-    from transformers import GPT2LMHeadModel
+    from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    base = GPT2LMHeadModel.from_pretrained(checkpoint)
+    base = AutoModelForCausalLM.from_pretrained(checkpoint)  # GPT-2 or Llama family
     if method == "prompt_tuning":
         cfg = PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=n_virtual)
     elif method == "p_tuning":
@@ -31,25 +31,34 @@ def make_peft_adapter(checkpoint: Path, out: Path, method: str, n_virtual: int, 
     return out
 
 
-def peft_greedy(checkpoint: Path, adapter_dir: Path | None, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
-    """The reference: PEFT (or plain transformers) generate on this request alone.
+def peft_greedy(checkpoint: Path, adapter_dir: Path | None, prompt_ids: list[int], max_new_tokens: int,
+                eos_token_id: int = 50256) -> list[int]:
+    """The reference: PeftModel's (or plain transformers') own forward on the whole
+    sequence at every step, greedy, on this request alone; stops after EOS.
 
-    ``use_cache=False``: with transformers 5.24 + peft 0.21, PeftModel.generate's cached
-    path re-prepends the soft prompt at every decode step for PROMPT_TUNING/P_TUNING
-    (seen by hooking wpe: 7 virtual + 1 real token fed per step), so its tokens diverge
-    from PeftModel's own forward after the first one. Without the cache, generate runs
-    PEFT's forward on the whole sequence each step: the definition of prompt tuning.
+    Not ``PeftModel.generate``: with transformers 5.24 + peft 0.21 its cached path
+    re-prepends the soft prompt at every decode step for PROMPT_TUNING/P_TUNING (seen by
+    hooking wpe: 7 virtual + 1 real token fed per step), and even with ``use_cache=False``
+    PREFIX_TUNING on a Llama reuses one prefix ``DynamicCache`` across steps, which the
+    model appends each step's keys to (its length 6 -> 11 -> 17 over three steps), so its
+    tokens diverge from PEFT's own forward from the second one. The full forward is the
+    definition of prompt learning (what training optimises).
     """
     from peft import PeftModel
-    from transformers import GPT2LMHeadModel
+    from transformers import AutoModelForCausalLM
 
-    base = GPT2LMHeadModel.from_pretrained(checkpoint).eval()
+    base = AutoModelForCausalLM.from_pretrained(checkpoint).eval()
     model = base if adapter_dir is None else PeftModel.from_pretrained(base, adapter_dir).eval()
-    ids = torch.tensor([prompt_ids])
+    seq, out = list(prompt_ids), []
     with torch.no_grad():
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                             do_sample=False, pad_token_id=50256, eos_token_id=50256, use_cache=False)
-    return out[0, len(prompt_ids):].tolist()
+        for _ in range(max_new_tokens):
+            ids = torch.tensor([seq])
+            token = int(model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0, -1].argmax())
+            out.append(token)
+            seq.append(token)
+            if token == eos_token_id:
+                break
+    return out
 
 
 def wait_for(predicate, *, timeout: float, interval: float = 0.1, what: str = "condition", on_timeout=None):

@@ -164,7 +164,18 @@ def load_adapter_dir(path: str | Path) -> AdapterWeights:
 
 
 def expected_dim(peft_type: str, cfg: ModelConfig) -> int:
-    return cfg.n_layer * 2 * cfg.n_embd if peft_type == "PREFIX_TUNING" else cfg.n_embd
+    """``prompt_embeddings`` width: the model width for a soft prompt; for a prefix, every
+    layer's keys and values over the KV heads (PEFT sizes prefixes by ``num_key_value_heads``
+    under grouped-query attention; GPT-2's KV width is its model width)."""
+    return cfg.n_layer * 2 * cfg.kv_dim if peft_type == "PREFIX_TUNING" else cfg.n_embd
+
+
+def expected_peft_config(peft_type: str, cfg: ModelConfig) -> dict[str, int]:
+    """What PEFT writes into ``adapter_config.json`` for this backbone: a prefix counts the
+    KV heads and their width (``peft.utils.other._prepare_prompt_learning_config``)."""
+    if peft_type == "PREFIX_TUNING":
+        return {"token_dim": cfg.kv_dim, "num_layers": cfg.n_layer, "num_attention_heads": cfg.n_kv_head}
+    return {"token_dim": cfg.n_embd, "num_layers": cfg.n_layer, "num_attention_heads": cfg.n_head}
 
 
 def check_fits(weights: AdapterWeights, cfg: ModelConfig) -> None:
@@ -172,11 +183,11 @@ def check_fits(weights: AdapterWeights, cfg: ModelConfig) -> None:
     dim = expected_dim(weights.peft_type, cfg)
     got = weights.prompt_embeddings.shape[1]
     if got != dim:
-        detail = f"n_layer*2*n_embd = {cfg.n_layer}*2*{cfg.n_embd}" if weights.peft_type == "PREFIX_TUNING" \
-            else f"n_embd = {cfg.n_embd}"
+        detail = f"n_layer*2*n_kv_head*head_dim = {cfg.n_layer}*2*{cfg.n_kv_head}*{cfg.head_dim}" \
+            if weights.peft_type == "PREFIX_TUNING" else f"n_embd = {cfg.n_embd}"
         raise AdapterError(f"{weights.peft_type} prompt_embeddings width {got} does not fit this backbone "
                            f"(expected {detail} = {dim})")
-    for key, want in (("token_dim", cfg.n_embd), ("num_layers", cfg.n_layer), ("num_attention_heads", cfg.n_head)):
+    for key, want in expected_peft_config(weights.peft_type, cfg).items():
         have = weights.config.get(key)
         if have is not None and have != want:
             raise AdapterError(f"adapter_config {key}={have} does not match the backbone ({want})")
@@ -198,8 +209,8 @@ def build_prefix(model: GPT2, weights: AdapterWeights, key: str, scale: Backbone
     param = model.wte.weight
     emb = weights.prompt_embeddings.to(device=param.device)
     n = weights.num_virtual_tokens
-    h, d = cfg.n_head, cfg.head_dim
-    if weights.peft_type == "PREFIX_TUNING":
+    h, d = cfg.n_kv_head, cfg.head_dim
+    if weights.peft_type == "PREFIX_TUNING":  # keys as PEFT passes them: cached, never rotated
         kv = emb.to(param.dtype).view(n, cfg.n_layer * 2, h, d).permute(1, 2, 0, 3)
         k, v = kv[0::2].contiguous(), kv[1::2].contiguous()
     else:
