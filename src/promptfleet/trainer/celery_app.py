@@ -4,6 +4,8 @@
   workers (``promptfleet worker`` -> ``run_worker(settings)``), any number of machines.
 * Embedded (default): an SQLite broker file in the data dir and one solo-pool worker in
   a thread of the server process (``start_embedded_worker(app)``); about 1 s latency.
+  Its jobs train in a niced child process with a capped torch thread count
+  (``trainer.isolated``), so training never starves the API and the engine of CPU.
 
 Delivery is at-least-once (``acks_late``); the job row, not the message, decides what
 runs (see ``jobstate``). Every worker also runs a ``Reaper`` thread that re-queues jobs
@@ -21,6 +23,7 @@ from collections.abc import Callable, Sequence
 from celery import Celery
 
 from promptfleet.settings import Settings
+from promptfleet.trainer.isolated import Isolation, default_train_threads, prestart
 from promptfleet.trainer.runner import WorkerContext
 from promptfleet.trainer.service import DEFAULT_MAX_ATTEMPTS, reap_stale_jobs, resend_queued_jobs
 from promptfleet.trainer.tasks import TASK_NAME, register_tasks
@@ -122,6 +125,13 @@ def _hostname(prefix: str) -> str:
     return f"{prefix}-{os.getpid()}@{socket.gethostname()}"
 
 
+def embedded_isolation(settings: Settings) -> Isolation | None:
+    """How the embedded worker isolates training from the server (None: in its own thread)."""
+    if not settings.embedded_train_subprocess:
+        return None
+    return Isolation(nice=settings.train_nice, threads=settings.train_threads or default_train_threads())
+
+
 class EmbeddedWorker:
     """A solo-pool Celery worker in a daemon thread of this process, plus its reaper."""
 
@@ -134,10 +144,13 @@ class EmbeddedWorker:
         self._worker = None
         self._thread = threading.Thread(target=self._run, name="promptfleet-embedded-worker", daemon=True)
         self._reaper = Reaper(self.ctx)
+        self.ctx.isolation = embedded_isolation(self.ctx.settings)
         self.error: BaseException | None = None
 
     def start(self, *, wait_ready_s: float = 30.0) -> "EmbeddedWorker":
         self.ctx.shutdown.clear()
+        if self.ctx.isolation is not None:
+            prestart(self.ctx.isolation)
         self._thread.start()
         self._ready.wait(wait_ready_s)
         self._reaper.start()
@@ -193,6 +206,10 @@ def run_worker(settings: Settings, *, loglevel: str | None = None, hostname: str
         hf_logging.disable_progress_bar()
     except Exception:  # pragma: no cover - cosmetic only
         pass
+    if settings.train_threads > 0:  # a standalone worker's process is its own: cap it whole
+        import torch
+
+        torch.set_num_threads(settings.train_threads)
     app = make_celery(settings)
     app.set_current()
     ctx = worker_context(app)

@@ -18,11 +18,12 @@ from sqlalchemy.orm import Session, sessionmaker
 from promptfleet.db import make_engine, make_session_factory
 from promptfleet.settings import Settings
 from promptfleet.trainer import jobstate
-from promptfleet.trainer.datasets import parse_dataset
+from promptfleet.trainer.isolated import Isolation, TrainingFailed, train_in_child
 from promptfleet.trainer.jobstate import Claim
 from promptfleet.trainer.models import Dataset
 from promptfleet.trainer.service import DEFAULT_MAX_ATTEMPTS
-from promptfleet.trainer.train import TrainConfig, TrainingCancelled, TrainResult, _downsample, total_steps, train
+from promptfleet.trainer.train import (TrainConfig, TrainingCancelled, TrainResult, WallClock, WallClockExceeded,
+                                       _downsample, train_dataset)
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +36,7 @@ class WorkerContext:
     max_attempts: int = DEFAULT_MAX_ATTEMPTS
     enqueue: Callable[[str], str | None] | None = None
     shutdown: threading.Event = field(default_factory=threading.Event)
+    isolation: Isolation | None = None  # set: each job trains in a niced child process (the embedded worker)
     _factory: sessionmaker[Session] | None = field(default=None, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -60,6 +62,11 @@ class WorkerContext:
     @property
     def poll_s(self) -> float:
         return max(0.05, min(float(self.settings.job_heartbeat_s), 1.0))
+
+    def wall_clock(self) -> WallClock | None:
+        """A fresh wall-clock limit for an attempt starting now (None when unlimited)."""
+        limit = float(self.settings.job_max_wall_s)
+        return WallClock(limit) if limit > 0 else None
 
 
 class JobMonitor:
@@ -126,9 +133,9 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
-def _train(ctx: WorkerContext, claim: Claim, monitor: JobMonitor) -> tuple[TrainResult, Any]:
+def _train(ctx: WorkerContext, claim: Claim, monitor: JobMonitor,
+           wall_clock: WallClock | None) -> tuple[TrainResult, Any]:
     from promptfleet.platform.config import ModelConfig
-    from promptfleet.platform.tokenizer import load_tokenizer
 
     model_path = ctx.model_path()
     model_config = ModelConfig.from_pretrained(model_path)
@@ -149,16 +156,18 @@ def _train(ctx: WorkerContext, claim: Claim, monitor: JobMonitor) -> tuple[Train
     if room < 2:
         raise ValueError(f"num_virtual_tokens={nvt} leaves no room in the backbone's "
                          f"{model_config.n_positions} positions")
-    examples = parse_dataset(data, tokenizer=load_tokenizer(model_path), max_example_tokens=room,
-                             max_examples=10**9)
     cfg = TrainConfig(model_path=model_path, method=claim.method, num_virtual_tokens=nvt,  # type: ignore[arg-type]
                       epochs=int(p.get("epochs", 1)), learning_rate=float(p.get("learning_rate", 3e-2)),
                       batch_size=int(p.get("batch_size", 8)), max_steps=p.get("max_steps"),
                       seed=int(p.get("seed", 0)), init=p.get("init") or "random_vocab",
                       init_text=p.get("init_text"), device=ctx.settings.device)
-    monitor.set_total(total_steps(len(examples), epochs=cfg.epochs, batch_size=cfg.batch_size,
-                                  max_steps=cfg.max_steps))
-    return train(cfg, examples, progress=monitor.progress, should_cancel=monitor.should_stop), model_config
+    if ctx.isolation is not None:
+        result = train_in_child(cfg, data, max_example_tokens=room, isolation=ctx.isolation, on_total=monitor.set_total,
+                                progress=monitor.progress, should_cancel=monitor.should_stop, wall_clock=wall_clock)
+    else:
+        result = train_dataset(cfg, data, max_example_tokens=room, on_total=monitor.set_total,
+                               progress=monitor.progress, should_cancel=monitor.should_stop, wall_clock=wall_clock)
+    return result, model_config
 
 
 def _register(ctx: WorkerContext, claim: Claim, result: TrainResult, model_config: Any) -> dict[str, Any]:
@@ -229,12 +238,16 @@ def run_job(ctx: WorkerContext, job_id: str, *, task_id: str | None, worker: str
         log.info("job %s: delivery dropped (%s)", job_id, why)
         return {"job_id": job_id, "status": "skipped", "reason": why}
     log.info("job %s: attempt %d started on %s", job_id, claim.attempt, worker)
+    wall_clock = ctx.wall_clock()  # per attempt: a re-queued job starts a fresh clock
     monitor = JobMonitor(ctx, claim).start()
     try:
-        result, model_config = _train(ctx, claim, monitor)
+        result, model_config = _train(ctx, claim, monitor, wall_clock)
     except TrainingCancelled:
         monitor.stop()
         return _stopped(ctx, claim, monitor)
+    except (WallClockExceeded, TrainingFailed) as exc:  # their text is the whole story
+        monitor.stop()
+        return _fail(ctx, claim, str(exc), monitor.metrics())
     except Exception as exc:
         monitor.stop()
         log.exception("job %s: training failed", job_id)

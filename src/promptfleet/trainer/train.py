@@ -40,6 +40,27 @@ class TrainingCancelled(Exception):
     """``should_cancel()`` answered True; no adapter was produced."""
 
 
+class WallClockExceeded(Exception):
+    """The job ran past its wall-clock limit; no adapter was produced."""
+
+
+@dataclass(frozen=True)
+class WallClock:
+    """A job's wall-clock limit: ``limit_s`` seconds after ``started`` (``time.monotonic()``,
+    which is system-wide on Linux, so a child process checks the parent's clock)."""
+
+    limit_s: float
+    started: float = field(default_factory=time.monotonic)
+
+    def check(self, *, step: int, steps: int) -> None:
+        """Raise ``WallClockExceeded`` once the limit has passed (the loop calls this each step)."""
+        elapsed = time.monotonic() - self.started
+        if elapsed > self.limit_s:
+            raise WallClockExceeded(f"job exceeded the wall-clock limit of {self.limit_s:g} s "
+                                    f"(PROMPTFLEET_JOB_MAX_WALL_S): stopped after {elapsed:.1f} s, "
+                                    f"with {step} of {steps} steps done")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     model_path: str
@@ -141,8 +162,10 @@ def _downsample(losses: list[float], limit: int = MAX_LOSS_POINTS) -> list[float
 def train(cfg: TrainConfig, examples: Sequence[Example], *,
           progress: Callable[[int, int, float], None] | None = None,
           should_cancel: Callable[[], bool] | None = None,
+          wall_clock: WallClock | None = None,
           keep_model: bool = False) -> TrainResult:
-    """Train an adapter on ``examples``; raises ``TrainingCancelled`` when asked to stop.
+    """Train an adapter on ``examples``; raises ``TrainingCancelled`` when asked to stop and
+    ``WallClockExceeded`` past ``wall_clock``'s limit (both checked before each step).
 
     ``metrics``: ``loss`` (per step, or interval means past 1000 steps), ``initial_loss``
     (first step), ``final_loss`` (mean of the last ``min(10, ceil(steps/10))`` steps),
@@ -165,6 +188,8 @@ def train(cfg: TrainConfig, examples: Sequence[Example], *,
         t0 = time.perf_counter()  # the whole step: our batching, callbacks and all
         if should_cancel is not None and should_cancel():
             raise TrainingCancelled(f"cancelled at step {step - 1} of {steps}")
+        if wall_clock is not None:
+            wall_clock.check(step=step - 1, steps=steps)
         batch_examples = [examples[i] for i in indices]
         batch = {k: v.to(cfg.device) for k, v in collate(batch_examples, pad_id=pad_id).items()}
         torch.manual_seed(cfg.seed * 1_000_003 + step)  # dropout masks independent of anything else
@@ -199,3 +224,20 @@ def train(cfg: TrainConfig, examples: Sequence[Example], *,
              metrics["initial_loss"], metrics["final_loss"], metrics["examples_per_s"])
     return TrainResult(adapter_config=config, safetensors_bytes=data, metrics=metrics,
                        model=model if keep_model else None)
+
+
+def train_dataset(cfg: TrainConfig, data: bytes, *, max_example_tokens: int,
+                  on_total: Callable[[int], None] | None = None,
+                  progress: Callable[[int, int, float], None] | None = None,
+                  should_cancel: Callable[[], bool] | None = None,
+                  wall_clock: WallClock | None = None) -> TrainResult:
+    """Parse a JSONL dataset with the backbone's tokenizer, announce the number of steps
+    (``on_total``), and train: what a job runs, in the worker or in its training process."""
+    from promptfleet.platform.tokenizer import load_tokenizer
+    from promptfleet.trainer.datasets import parse_dataset
+
+    examples = parse_dataset(data, tokenizer=load_tokenizer(cfg.model_path), max_example_tokens=max_example_tokens,
+                             max_examples=10**9)
+    if on_total is not None:
+        on_total(total_steps(len(examples), epochs=cfg.epochs, batch_size=cfg.batch_size, max_steps=cfg.max_steps))
+    return train(cfg, examples, progress=progress, should_cancel=should_cancel, wall_clock=wall_clock)
