@@ -225,12 +225,13 @@ def job_cancel(job_id: str, url: str = URL, key: Optional[str] = KEY) -> None:
 
 # ---------------------------------------------------------------- bench and demo
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def bench(ctx: typer.Context, which: str = typer.Argument("engine", help="engine | registry | http | train | load")) -> None:
+def bench(ctx: typer.Context, which: str = typer.Argument(
+        "engine", help="engine | registry | http | train | load | isolation")) -> None:
     """Run a benchmark script; extra arguments go to it (see --help of each)."""
     import importlib
 
     modules = {"engine": "engine_bench", "registry": "registry_bench", "http": "http_bench", "train": "train_bench",
-               "load": "load_bench"}
+               "load": "load_bench", "isolation": "isolation_bench"}
     if which not in modules:
         _fail(f"unknown benchmark {which!r}; choose from {', '.join(modules)}")
     importlib.import_module(f"promptfleet.bench.{modules[which]}").main(list(ctx.args))

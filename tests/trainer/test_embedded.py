@@ -32,7 +32,7 @@ def test_embedded_worker_runs_a_job_to_success(trainer_settings, session_factory
             with session_scope(session_factory) as s:
                 return get_job(s, tenant_id=a, job_id=job.id)
 
-        done = waiter(lambda: status().status in ("succeeded", "failed") and status(), timeout=60,
+        done = waiter(lambda: status().status in ("succeeded", "failed") and status(), timeout=120,
                       what="the embedded worker to finish the job")
         assert (done.status, done.adapter, done.error) == ("succeeded", "emb@1", None)
         with session_scope(session_factory) as s:
