@@ -1,5 +1,5 @@
 """Llama-family checkpoints from GGUF files (llama.cpp's format), dequantized to float32
-with the ``gguf`` package (``pip install -e '.[demo]'``).
+with the ``gguf`` package (``pip install -e '.[demo]'``, or ``pip install gguf``).
 
 ``read_gguf`` returns what a Hugging Face checkpoint directory would hold: a
 ``config.json``-style dict and a state dict under transformers' parameter names, so the

