@@ -35,6 +35,9 @@ def upload(session_factory, storage, tiny_config, helpers):
 
 def test_model_fingerprint():
     assert model_fingerprint(ModelConfig()) == "gpt2-L12-H12-D768-V50257-P1024"
+    llama = ModelConfig(family="llama", n_layer=12, n_head=12, n_kv_head=4, n_embd=768, vocab_size=50257,
+                        n_positions=1024, intermediate_size=2048)
+    assert model_fingerprint(llama) == "llama-L12-H12-KV4-D768-V50257-P1024"
 
 
 def test_versions_and_refs(session_factory, tenant_id, upload, tiny_config):

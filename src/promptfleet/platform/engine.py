@@ -194,7 +194,9 @@ class Engine:
         prefix = self._resolve_adapter(adapter)
         ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
         if not ids:
-            ids = [self.model_config.eos_token_id]  # GPT-2 convention for an empty prompt
+            # an empty prompt starts from BOS (GPT-2's is its EOS, <|endoftext|>)
+            bos = self.model_config.bos_token_id
+            ids = [self.model_config.eos_token_id if bos is None else bos]
         if any((not isinstance(t, int)) or t < 0 or t >= self.model_config.vocab_size for t in ids):
             raise ValueError(f"token ids must be integers in [0, {self.model_config.vocab_size})")
         if prefix is not None:
@@ -203,7 +205,7 @@ class Engine:
         queue: asyncio.Queue[CompletionDelta] = asyncio.Queue()
         seq = Sequence(prompt_ids=ids, params=params, adapter=prefix,
                        emit=lambda d: self._outbox.append((loop, queue, d)),
-                       decode=self._decode, eos_token_id=self.model_config.eos_token_id,
+                       decode=self._decode, eos_token_ids=self.model_config.eos_token_ids,
                        repetition=self.config.repetition)
         self.scheduler.check_fits(seq)
         self._submit(seq)

@@ -67,7 +67,7 @@ class Sequence:
     adapter: AdapterPrefix | None
     emit: Callable[[CompletionDelta], None]
     decode: Callable[[list[int]], str]
-    eos_token_id: int
+    eos_token_ids: tuple[int, ...]  # any of them ends the sequence (Llama-3-style models have several)
     repetition: RepetitionConfig
     id: int = field(default_factory=lambda: next(_ids))
     output_ids: list[int] = field(default_factory=list)
@@ -100,7 +100,7 @@ class Sequence:
     def append(self, token: int, max_model_len: int) -> None:
         """Add a sampled token and decide whether the sequence is finished."""
         p = self.params
-        if token == self.eos_token_id and not p.ignore_eos:
+        if token in self.eos_token_ids and not p.ignore_eos:
             self._finish("stop")
             return
         self.output_ids.append(token)
