@@ -110,7 +110,8 @@ def gc(min_age: float = typer.Option(3600.0, help="Seconds a file must be untouc
     from dataclasses import asdict
 
     from promptfleet.db import make_engine, make_session_factory
-    from promptfleet.storage_gc import collect_garbage
+    from promptfleet.adapters.storage import StorageUnavailable
+    from promptfleet.storage_gc import collect_for_settings
 
     from sqlalchemy.exc import SQLAlchemyError
 
@@ -118,8 +119,9 @@ def gc(min_age: float = typer.Option(3600.0, help="Seconds a file must be untouc
     url = settings.resolved_database_url()
     engine = make_engine(url)
     try:
-        report = collect_garbage(make_session_factory(engine), blob_root=settings.blob_dir,
-                                 prefix_root=settings.prefix_dir, min_age_s=min_age, dry_run=dry_run)
+        report = collect_for_settings(make_session_factory(engine), settings, min_age_s=min_age, dry_run=dry_run)
+    except StorageUnavailable as exc:
+        _fail(f"cannot reach blob storage: {exc}", code=3)
     except SQLAlchemyError as exc:
         _fail(f"cannot read the registry at {url.split('@')[-1]} (run `promptfleet db upgrade` first?): "
               f"{str(exc).splitlines()[0]}", code=2)
@@ -226,12 +228,12 @@ def job_cancel(job_id: str, url: str = URL, key: Optional[str] = KEY) -> None:
 # ---------------------------------------------------------------- bench and demo
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def bench(ctx: typer.Context, which: str = typer.Argument(
-        "engine", help="engine | registry | http | train | load | isolation")) -> None:
+        "engine", help="engine | registry | http | train | load | isolation | storage")) -> None:
     """Run a benchmark script; extra arguments go to it (see --help of each)."""
     import importlib
 
     modules = {"engine": "engine_bench", "registry": "registry_bench", "http": "http_bench", "train": "train_bench",
-               "load": "load_bench", "isolation": "isolation_bench"}
+               "load": "load_bench", "isolation": "isolation_bench", "storage": "storage_bench"}
     if which not in modules:
         _fail(f"unknown benchmark {which!r}; choose from {', '.join(modules)}")
     importlib.import_module(f"promptfleet.bench.{modules[which]}").main(list(ctx.args))

@@ -19,6 +19,10 @@ class Settings(BaseSettings):
     data_dir: Path = Field(default=Path(".promptfleet"), description="Blobs, SQLite file, embedded broker.")
     database_url: str | None = Field(default=None, description="SQLAlchemy URL; default SQLite in data_dir.")
     broker_url: str | None = Field(default=None, description="Celery broker; default an embedded SQLite broker.")
+    blob_url: str | None = Field(
+        default=None, description="Where adapters, datasets and built KV prefixes are stored: file:///path or "
+                                  "s3://bucket/prefix (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, "
+                                  "AWS_REGION for the endpoint and credentials); default <data_dir>/blobs.")
     result_backend: str | None = None
     admin_key: str = Field(default="pf-admin-dev", description="Bearer key for /admin.")
     metrics_key: str = Field(default="", description="Bearer key /metrics asks for; empty: open (a scraper "

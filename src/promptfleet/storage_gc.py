@@ -8,7 +8,11 @@ KV prefixes stay on disk. ``collect_garbage`` (CLI: ``promptfleet gc``) removes
 - stored KV prefixes (a cache: a missing one is rebuilt) of such adapters;
 - temp files that a crashed write left behind;
 
-each only when untouched for ``min_age_s``. It is safe while the server runs: a blob is
+each only when untouched for ``min_age_s``. With ``PROMPTFLEET_BLOB_URL=s3://...`` the
+bucket's blobs and shared prefixes are collected by ``promptfleet.storage_gc_s3`` (and
+this host's prefix dir here); ``collect_for_settings`` picks what the settings name.
+
+Local directory: it is safe while the server runs: a blob is
 first renamed aside, then kept if, looked at again, it is live or was touched meanwhile
 (``LocalBlobStorage.put`` touches an existing blob before reusing it, so an upload of the
 same bytes racing the sweep keeps it), and only then unlinked.
@@ -23,12 +27,16 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from promptfleet.adapters.models import AdapterVersion
 from promptfleet.trainer.models import Dataset
+
+if TYPE_CHECKING:
+    from promptfleet.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +49,15 @@ class GcReport:
     prefix_bytes_freed: int = 0
     temp_files_deleted: int = 0
     kept_recent: int = 0   # unreferenced, but touched within min_age_s
+    trash_purged: int = 0  # S3: blobs set aside by an earlier run, deleted now
+    trash_restored: int = 0  # S3: blobs set aside that a row points to again, put back
     dry_run: bool = False
+
+    def add(self, other: "GcReport") -> "GcReport":
+        for name in ("blobs_deleted", "blob_bytes_freed", "prefixes_deleted", "prefix_bytes_freed",
+                     "temp_files_deleted", "kept_recent", "trash_purged", "trash_restored"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        return self
 
 
 def live_digests(session: Session) -> set[str]:
@@ -61,13 +77,14 @@ def _old(path: Path, min_age_s: float, now: float) -> bool:
     return now - path.stat().st_mtime >= min_age_s
 
 
-def collect_garbage(factory: sessionmaker[Session], *, blob_root: Path, prefix_root: Path | None,
+def collect_garbage(factory: sessionmaker[Session], *, blob_root: Path | None, prefix_root: Path | None,
                     min_age_s: float = 3600.0, dry_run: bool = False) -> GcReport:
+    """Collect a local blob directory (None: blobs live elsewhere) and a local prefix dir."""
     report = GcReport(dry_run=dry_run)
     now = time.time()
     with factory() as session:
         live = live_digests(session)
-    for path in sorted(blob_root.glob("??/*")):
+    for path in sorted(blob_root.glob("??/*")) if blob_root is not None else ():
         if not path.is_file():
             continue
         if path.name.startswith((".tmp-", ".gc-")):  # a crashed write, or a crashed sweep
@@ -102,6 +119,25 @@ def collect_garbage(factory: sessionmaker[Session], *, blob_root: Path, prefix_r
                 path.unlink(missing_ok=True)
     log.info("storage gc%s: %s", " (dry run)" if dry_run else "", report)
     return report
+
+
+def collect_for_settings(factory: sessionmaker[Session], settings: "Settings", *, min_age_s: float = 3600.0,
+                         dry_run: bool = False) -> GcReport:
+    """``promptfleet gc``: the blob store ``settings.blob_url`` names (a directory or an S3
+    bucket with its shared prefixes), and this host's prefix dir."""
+    from promptfleet.adapters.blob_url import FileLocation, parse_blob_url
+
+    location = parse_blob_url(settings.blob_url, default_root=settings.blob_dir)
+    if isinstance(location, FileLocation):
+        return collect_garbage(factory, blob_root=location.root, prefix_root=settings.prefix_dir,
+                               min_age_s=min_age_s, dry_run=dry_run)
+    from promptfleet.adapters.s3_objects import S3Config, S3Objects
+    from promptfleet.storage_gc_s3 import collect_s3_garbage
+
+    report = collect_s3_garbage(factory, S3Objects(location, S3Config.from_env()), min_age_s=min_age_s,
+                                dry_run=dry_run)
+    return report.add(collect_garbage(factory, blob_root=None, prefix_root=settings.prefix_dir,
+                                      min_age_s=min_age_s, dry_run=dry_run))
 
 
 def _remove_blob(factory: sessionmaker[Session], path: Path, sha256: str, min_age_s: float) -> bool:

@@ -1,6 +1,8 @@
 """A thread-safe LRU of adapters' KV prefixes under a memory budget.
 
-A miss loads the adapter's weights and builds its prefix (on the model's device); two
+A miss reads the prefix from the store behind the cache when there is one (``stored``:
+the local disk and shared tiers of ``PrefixStore``), without reading the adapter's blob;
+else it loads the adapter's weights and builds its prefix (on the model's device). Two
 threads missing the same key at once load it once -- the second waits for the first.
 """
 from __future__ import annotations
@@ -40,10 +42,12 @@ class _Loading:
 
 
 class AdapterCache:
-    def __init__(self, build: BuildPrefix, budget_bytes: int) -> None:
+    def __init__(self, build: BuildPrefix, budget_bytes: int,
+                 stored: Callable[[str], AdapterPrefix | None] | None = None) -> None:
         if budget_bytes < 0:
             raise ValueError(f"budget_bytes must be >= 0, got {budget_bytes}")
         self._build = build
+        self._stored = stored
         self.budget_bytes = budget_bytes
         self._entries: OrderedDict[str, AdapterPrefix] = OrderedDict()
         self._loading: dict[str, _Loading] = {}
@@ -91,7 +95,9 @@ class AdapterCache:
                         self.hits += 1
                         return prefix
                     self.misses += 1
-                prefix = self._build(load_weights(), key)
+                prefix = self._stored(key) if self._stored is not None else None
+                if prefix is None:
+                    prefix = self._build(load_weights(), key)
                 with self._lock:
                     loading.result = prefix
                     self._insert(key, prefix)

@@ -1,6 +1,8 @@
 """Content-addressed blob storage. Blobs are named by their SHA-256 (lowercase hex) and
 verified on every read. The interface speaks only in bytes and digests (no filesystem
-paths), so an S3-compatible implementation can stand in for ``LocalBlobStorage``."""
+paths): ``LocalBlobStorage`` (a directory) and ``promptfleet.adapters.s3_storage.
+S3BlobStorage`` (any S3-compatible store) both implement it; ``promptfleet.adapters.
+blob_url.open_blob_storage`` picks one from ``PROMPTFLEET_BLOB_URL``."""
 from __future__ import annotations
 
 import hashlib
@@ -22,6 +24,11 @@ class BlobNotFoundError(LookupError):
 
 class CorruptBlobError(RuntimeError):
     """A stored blob whose content no longer matches its SHA-256."""
+
+
+class StorageUnavailable(RuntimeError):
+    """The blob store cannot be reached or keeps failing (after retries): a transient
+    outage, answered 503 ``storage_unavailable``; nothing was written that a row points to."""
 
 
 @runtime_checkable

@@ -15,6 +15,8 @@ from fastapi.responses import JSONResponse
 from sqlalchemy import exc as sa_exc
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from promptfleet.adapters.storage import StorageUnavailable
+
 log = logging.getLogger(__name__)
 
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
@@ -144,6 +146,18 @@ async def _database_error(request: Request, exc: Exception) -> JSONResponse:
                         status_code=503, headers={"Retry-After": str(DB_RETRY_AFTER_S)})
 
 
+STORAGE_RETRY_AFTER_S = 5
+
+
+async def _storage_unavailable(request: Request, exc: Exception) -> JSONResponse:
+    """503 + Retry-After while blob storage (S3) cannot be reached, after the client's own
+    retries; nothing was stored that a row points to."""
+    log.warning("blob storage unavailable on %s %s: %s", request.method, request.url.path, exc)
+    return JSONResponse(error_body("blob storage is temporarily unavailable; retry later", status=503,
+                                   code="storage_unavailable"),
+                        status_code=503, headers={"Retry-After": str(STORAGE_RETRY_AFTER_S)})
+
+
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
     return JSONResponse(error_body("internal server error", status=500), status_code=500)
@@ -154,4 +168,5 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(sa_exc.SQLAlchemyError, _database_error)
+    app.add_exception_handler(StorageUnavailable, _storage_unavailable)
     app.add_exception_handler(Exception, _unexpected)

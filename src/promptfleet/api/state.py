@@ -16,7 +16,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from promptfleet.adapters.device_cache import AdapterCache
 from promptfleet.adapters.prefix_store import PrefixStore
-from promptfleet.adapters.storage import BlobStorage, LocalBlobStorage
+from promptfleet.adapters.blob_url import open_blob_storage, shared_prefixes
+from promptfleet.adapters.storage import BlobStorage
 from promptfleet.api.gen_cache import GenerationCache
 from promptfleet.api.limits import Limiter, TenantLimiter
 from promptfleet.api.limits_redis import RedisTenantLimiter
@@ -102,11 +103,14 @@ def build_state(settings: Settings, metrics: Metrics, *, engine: Engine | None =
         upgrade(url)
         db_engine = make_engine(url)
         closers.append(db_engine.dispose)
-        storage = LocalBlobStorage(settings.blob_dir)
-        # Device LRU over a disk tier of built prefixes (a restart reads them, not recomputes).
+        storage = open_blob_storage(settings.blob_url, default_root=settings.blob_dir)
+        log.info("blob storage: %r", storage)
+        # Device LRU over a disk tier of built prefixes (a restart reads them, not recomputes),
+        # over the shared tier in the bucket when storage is S3 (another replica's builds).
         prefix_store = PrefixStore(settings.prefix_dir, weights_id=engine.weights_id, dtype=engine.dtype,
-                                   device=engine.device)
-        adapter_cache = AdapterCache(prefix_store.builder(engine.build_adapter), settings.adapter_cache_mb << 20)
+                                   device=engine.device, shared=shared_prefixes(storage))
+        adapter_cache = AdapterCache(prefix_store.builder(engine.build_adapter, check_stored=False),
+                                     settings.adapter_cache_mb << 20, stored=prefix_store.load)
         celery_app, worker = _celery(settings, celery_app, closers)
         metrics.bind(engine=engine, adapter_cache=adapter_cache, prefix_store=prefix_store)
         limiter: Limiter = TenantLimiter()

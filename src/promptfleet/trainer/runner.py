@@ -48,9 +48,9 @@ class WorkerContext:
             return self._factory
 
     def storage(self) -> Any:
-        from promptfleet.adapters.storage import LocalBlobStorage
+        from promptfleet.adapters.blob_url import open_blob_storage
 
-        return LocalBlobStorage(Path(self.settings.blob_dir))
+        return open_blob_storage(self.settings.blob_url, default_root=Path(self.settings.blob_dir))
 
     def model_path(self) -> str:
         if not self.settings.model:
