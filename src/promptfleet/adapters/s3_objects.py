@@ -1,13 +1,13 @@
 """Plain objects in one S3 bucket (under a key prefix), through obstore.
 
 Client library: obstore (Rust ``object_store`` bindings), chosen on evidence over boto3
-by ``promptfleet bench storage`` against moto_server on this 2-core machine (p50, ms):
-16 KiB put 15.6 vs 36.4 (boto3; 24.8 with its CRC32 checksums off), get 12.9 vs 35.6;
-1 MiB put 46 vs 77, get 17 vs 39; 32 MiB (multipart) put 1790 vs 1851 (moto-bound),
-get 250 vs 780 (134 vs 43 MB/s). Our hot path is small objects (an adapter is KBs, a
-built prefix KBs to a few MB: a cold adapter load is one or two gets), where obstore's
-per-request cost is 2-3x lower; it also has no dependencies. boto3 stays a dev
-dependency (moto needs it).
+by ``promptfleet bench storage`` against moto_server on this shared 2-core machine (p50
+of two runs, ms, obstore vs boto3): 16 KiB put 9-16 vs 36-47 (boto3 with its CRC32
+checksums off: 25), get 13 vs 35; 1 MiB put 46-51 vs 73-77, get 17-21 vs 38-39; 32 MiB
+(multipart) put 1.8-2.3 s for both (moto-bound), get 250-440 vs 780-980. Our hot path
+is small objects (an adapter is KBs, a built prefix KBs to a few MB: a cold adapter load
+is one or two gets), where obstore's per-request cost is 2-3x lower; it also has no
+dependencies. boto3 stays a dev dependency (moto needs it; the tests create buckets).
 
 Every call is retried by obstore with exponential backoff and jitter on 5xx answers,
 connection errors and timeouts of safe requests (``S3Config.max_retries``,

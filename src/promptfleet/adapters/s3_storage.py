@@ -27,6 +27,7 @@ __all__ = ["S3BlobStorage", "S3Config", "S3SharedPrefixes", "blob_key", "trash_k
 log = logging.getLogger(__name__)
 
 BLOBS, TRASH, PREFIXES = "blobs/", "trash/", "prefixes/"
+SMALL_PUT_BYTES = 1 << 20  # below this, put writes without a HEAD first (one request, not two)
 
 
 def blob_key(sha256: str) -> str:
@@ -51,6 +52,9 @@ class S3BlobStorage:
     def put(self, data: bytes) -> str:
         digest = sha256_hex(data)
         key = blob_key(digest)
+        if len(data) < SMALL_PUT_BYTES:  # rewriting the same bytes costs less than asking first
+            self.objects.put(key, data)
+            return digest
         info = self.objects.head(key)
         if info is not None and info.size == len(data):
             return digest  # the same bytes are there already (content-addressed)
