@@ -26,40 +26,29 @@ def small_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 # --- database fixtures: a migrated database per test, on SQLite and on PostgreSQL -----------
 # PostgreSQL: a fresh, uniquely named database created through the ``postgres`` database
 # (override with PROMPTFLEET_TEST_POSTGRES_URL) and dropped afterwards. Skipped, with the
-# reason, when no server answers; deselect with ``-m "not postgres"``.
+# reason, when no server answers, and a failure under CI=true; deselect with ``-m "not postgres"``.
 
-import os  # noqa: E402
-import uuid  # noqa: E402
+from collections.abc import Iterator  # noqa: E402
 
-from sqlalchemy import create_engine, text  # noqa: E402
-from sqlalchemy.engine import make_url  # noqa: E402
-from sqlalchemy.exc import OperationalError  # noqa: E402
+from promptfleet.testing.services import PgDatabases  # noqa: E402
 
-DEFAULT_POSTGRES_ADMIN_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+
+@pytest.fixture
+def postgres_db_url() -> Iterator[str]:
+    """URL of a fresh, unmigrated PostgreSQL database, dropped afterwards."""
+    dbs = PgDatabases(prefix="pf_test")
+    try:
+        yield dbs.create()
+    finally:
+        dbs.drop_all()
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def empty_db_url(request: pytest.FixtureRequest, tmp_path: Path):
+def empty_db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     """URL of a fresh, unmigrated database (SQLite file or a new PostgreSQL database)."""
     if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'promptfleet.db'}"
-        return
-    admin_url = make_url(os.environ.get("PROMPTFLEET_TEST_POSTGRES_URL", DEFAULT_POSTGRES_ADMIN_URL))
-    admin = create_engine(admin_url, isolation_level="AUTOCOMMIT", connect_args={"connect_timeout": 5})
-    name = f"pf_test_{uuid.uuid4().hex[:16]}"
-    try:
-        with admin.connect() as conn:
-            conn.execute(text(f'CREATE DATABASE "{name}"'))
-    except OperationalError as exc:
-        admin.dispose()
-        pytest.skip(f"PostgreSQL is not reachable at {admin_url.render_as_string(hide_password=True)}: "
-                    f"{str(exc).splitlines()[0]}")
-    try:
-        yield admin_url.set(database=name).render_as_string(hide_password=False)
-    finally:
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
+        return f"sqlite:///{tmp_path / 'promptfleet.db'}"
+    return request.getfixturevalue("postgres_db_url")
 
 
 @pytest.fixture

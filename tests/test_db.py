@@ -16,10 +16,9 @@ def test_sqlite_connections_get_wal_foreign_keys_and_a_busy_timeout(tmp_path):
     engine.dispose()
 
 
-def test_postgres_connections_carry_timeouts_and_keepalives(empty_db_url):
-    if not empty_db_url.startswith("postgresql"):
-        pytest.skip("PostgreSQL settings")
-    engine = make_engine(empty_db_url)
+@pytest.mark.postgres
+def test_postgres_connections_carry_timeouts_and_keepalives(postgres_db_url):
+    engine = make_engine(postgres_db_url)
     with engine.connect() as conn:
         params = conn.connection.dbapi_connection.info.get_parameters()
     engine.dispose()

@@ -26,6 +26,8 @@ from promptfleet.adapters.errors import AdapterRejected
 from promptfleet.adapters.models import AdapterVersion
 from promptfleet.adapters.service import import_adapter, load_adapter_weights
 from promptfleet.db import session_scope
+from promptfleet.testing.archives import tar_gz_with, zip_bytes
+from promptfleet.testing.peft import make_peft_adapter
 
 MAX_SECONDS = 1.0
 MAX_GROWTH_MIB = 64.0
@@ -240,18 +242,18 @@ def test_central_directory_is_walked_not_trusted(adapter_files):
         read_adapter_archive(bytes(data), limits=ArchiveLimits())
 
 
-def test_weights_are_bounded_by_the_declared_adapter(adapter_files, tiny_config, helpers):
+def test_weights_are_bounded_by_the_declared_adapter(adapter_files, tiny_config):
     """5 virtual tokens x 64 wide x 8 bytes + 64 KiB: 100 KiB of weights is already too much."""
     config = json.loads(adapter_files["adapter_config.json"])
     fat = {**adapter_files, "adapter_model.safetensors": bytes(100 << 10)}
     backbone = BackboneBounds.of(tiny_config)
-    for archive in (helpers.zip_bytes(fat), helpers.tar_gz_bytes(fat)):
+    for archive in (zip_bytes(fat), tar_gz_with(fat)):
         with pytest.raises(ArchiveError, match=r"can need|more than the adapter can need"):
             read_adapter_archive(archive, limits=ArchiveLimits(), backbone=backbone)
     # without the backbone, PEFT's token_dim / num_layers config keys bound it the same way
     assert config["token_dim"] == tiny_config.n_embd
     with pytest.raises(ArchiveError, match="can need"):
-        read_adapter_archive(helpers.zip_bytes(fat), limits=ArchiveLimits())
+        read_adapter_archive(zip_bytes(fat), limits=ArchiveLimits())
 
 
 def _config_with(adapter_files: dict[str, bytes], raw_value: bytes) -> bytes:
@@ -275,21 +277,21 @@ HOSTILE_CONFIGS = {
 
 @pytest.mark.parametrize("case", list(HOSTILE_CONFIGS))
 @pytest.mark.parametrize("fmt", ["zip", "tar.gz"])
-def test_hostile_config_json_is_a_clear_refusal(case, fmt, adapter_files, tiny_config, helpers):
+def test_hostile_config_json_is_a_clear_refusal(case, fmt, adapter_files, tiny_config):
     build, fragment = HOSTILE_CONFIGS[case]
     config = build(adapter_files)
     assert config != adapter_files["adapter_config.json"]
     files = {**adapter_files, "adapter_config.json": config}
-    archive = (helpers.zip_bytes if fmt == "zip" else helpers.tar_gz_bytes)(files)
+    archive = (zip_bytes if fmt == "zip" else tar_gz_with)(files)
     with pytest.raises(ArchiveError) as info:
         read_adapter_archive(archive, limits=ArchiveLimits(), backbone=BackboneBounds.of(tiny_config))
     assert fragment in str(info.value) and "adapter_config.json" in str(info.value) or "num_virtual" in fragment
 
 
 def test_hostile_config_through_the_service_leaves_nothing(adapter_files, session_factory, storage, tenant_id,
-                                                           tiny_config, helpers, tmp_path):
+                                                           tiny_config, tmp_path):
     for case, (build, fragment) in HOSTILE_CONFIGS.items():
-        archive = helpers.zip_bytes({**adapter_files, "adapter_config.json": build(adapter_files)})
+        archive = zip_bytes({**adapter_files, "adapter_config.json": build(adapter_files)})
         with pytest.raises(AdapterRejected, match=fragment.replace("(", r"\(").replace(")", r"\)")):
             with session_scope(session_factory) as s:
                 import_adapter(s, storage=storage, tenant_id=tenant_id, name="evil", archive=archive,
@@ -316,7 +318,6 @@ def _tar_gz_ordered(files: dict[str, bytes], first: str) -> bytes:
 @pytest.fixture(scope="module")
 def peft_made(tiny_checkpoint, tmp_path_factory) -> dict[str, dict[str, bytes]]:
     """Adapters written by PEFT's save_pretrained (with its README.md) for the tiny backbone."""
-    from promptfleet.testing import make_peft_adapter
 
     root = tmp_path_factory.mktemp("peft-bounds")
     made = {}
@@ -327,13 +328,12 @@ def peft_made(tiny_checkpoint, tmp_path_factory) -> dict[str, dict[str, bytes]]:
 
 
 @pytest.mark.parametrize("method", ["prompt_tuning", "p_tuning", "prefix_tuning"])
-def test_peft_made_adapters_still_import(method, peft_made, session_factory, storage, tenant_id, tiny_config,
-                                         helpers):
+def test_peft_made_adapters_still_import(method, peft_made, session_factory, storage, tenant_id, tiny_config):
     files = peft_made[method]
     assert "README.md" in files  # PEFT's model card rides along and is allowed
-    archives = {"zip": helpers.zip_bytes(files), "tar.gz": helpers.tar_gz_bytes(files),
+    archives = {"zip": zip_bytes(files), "tar.gz": tar_gz_with(files),
                 "tar.gz, weights first": _tar_gz_ordered(files, "adapter_model.safetensors"),
-                "tar.gz, in a folder": helpers.tar_gz_bytes({f"my-adapter/{k}": v for k, v in files.items()})}
+                "tar.gz, in a folder": tar_gz_with({f"my-adapter/{k}": v for k, v in files.items()})}
     for i, (kind, archive) in enumerate(archives.items()):
         config, weights = read_adapter_archive(archive, limits=ArchiveLimits(),
                                                backbone=BackboneBounds.of(tiny_config))

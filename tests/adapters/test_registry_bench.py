@@ -1,4 +1,5 @@
-"""Smoke test of the registry benchmark on a tiny backbone: it runs and prints one JSON line."""
+"""Smoke test of the registry benchmark on a tiny backbone: it runs, prints one JSON line,
+and its counters say each phase measured what it names."""
 from __future__ import annotations
 
 import json
@@ -15,4 +16,9 @@ def test_registry_bench_smoke(capsys, tmp_path):
     assert result["adapters"] == 30 and result["backbone"] == "gpt2-L2-H4-D64-V50257-P1024"
     assert result["cold_built"]["total"]["n"] == 8 and result["cold_stored"]["total"]["n"] == 8 and result["warm_hit"]["n"] == 100
     assert result["cache"] == {**result["cache"], "entries": 5, "misses": 16, "evictions": 6}
-    assert result["warm_hit"]["p99_ms"] < result["cold_built"]["total"]["p99_ms"]
+    # what was measured, not how fast (a loaded machine can reorder percentiles): every warm
+    # lookup (100 samples + the 5 resolved by name) was a device-cache hit that loaded nothing
+    # (the bench's loader raises if asked), and every stored-prefix cold load read the disk
+    # tier instead of rebuilding the prefix
+    assert result["cache"]["hits"] == 100 + result["warm_resolve_and_hit"]["n"] == 105
+    assert result["prefix_store"] == {"hits": 8, "misses": 8, "corrupt": 0}

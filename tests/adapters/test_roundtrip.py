@@ -14,6 +14,8 @@ from promptfleet.adapters.service import export_adapter, import_adapter, load_ad
 from promptfleet.db import session_scope
 from promptfleet.platform.adapter import build_prefix
 from promptfleet.platform.weights import load_gpt2
+from promptfleet.testing.archives import dir_files, tar_gz_with, zip_bytes
+from promptfleet.testing.peft import make_peft_adapter
 
 PROMPT = torch.tensor([[464, 2068, 7586, 21831, 18045, 625]])
 
@@ -25,18 +27,20 @@ def _greedy(model) -> list[int]:
     return out[0, PROMPT.shape[1]:].tolist()
 
 
-@pytest.mark.parametrize("kind,fmt,folder", [("prompt", "zip", None), ("prefix", "tar.gz", "prefix-adapter"),
-                                             ("ptuning", "zip", "ptuning-adapter")])
+@pytest.mark.parametrize("kind,fmt,folder", [("prompt_tuning", "zip", None),
+                                             ("prefix_tuning", "tar.gz", "prefix-adapter"),
+                                             ("p_tuning", "zip", "ptuning-adapter")])
 def test_peft_round_trip(kind, fmt, folder, session_factory, storage, tenant_id, tiny_checkpoint, tiny_config,
-                         helpers, tmp_path):
+                         tmp_path):
     from peft import PeftModel
     from transformers import GPT2LMHeadModel
 
-    src, original = helpers.make_peft_adapter(tiny_checkpoint, tmp_path / "src", kind, seed=11)
+    src = make_peft_adapter(tiny_checkpoint, tmp_path / "src", kind, 5, seed=11)
+    original = PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(tiny_checkpoint), src).eval()
     expected = _greedy(original)
     assert _greedy(GPT2LMHeadModel.from_pretrained(tiny_checkpoint)) != expected  # the adapter matters
-    files = helpers.dir_files(src, folder=folder)
-    archive = (helpers.zip_bytes if fmt == "zip" else helpers.tar_gz_bytes)(files)
+    files = dir_files(src, folder=folder)
+    archive = (zip_bytes if fmt == "zip" else tar_gz_with)(files)
 
     with session_scope(session_factory) as s:
         version = import_adapter(s, storage=storage, tenant_id=tenant_id, name=f"{kind}-rt", archive=archive,
@@ -54,6 +58,6 @@ def test_peft_round_trip(kind, fmt, folder, session_factory, storage, tenant_id,
     weights = load_adapter_weights(storage=storage, version=version)
     saved = load_file(src / "adapter_model.safetensors")["prompt_embeddings"]
     assert torch.equal(weights.prompt_embeddings, saved.float())
-    assert weights.peft_type == {"prompt": "PROMPT_TUNING", "prefix": "PREFIX_TUNING", "ptuning": "P_TUNING"}[kind]
+    assert weights.peft_type == kind.upper()
     prefix = build_prefix(load_gpt2(tiny_checkpoint), weights, "k")
     assert prefix.k.shape == (tiny_config.n_layer, tiny_config.n_head, 5, tiny_config.head_dim)

@@ -1,6 +1,7 @@
 """Registry service: versions, soft delete, tenant isolation, idempotency, races, integrity."""
 from __future__ import annotations
 
+import json
 import dataclasses
 
 import pytest
@@ -18,14 +19,16 @@ from promptfleet.adapters.storage import CorruptBlobError
 from promptfleet.db import session_scope
 from promptfleet.platform.config import ModelConfig
 from promptfleet.tenants.service import TenantNotFound
+from promptfleet.testing.adapter_files import prompt_tuning_files
+from promptfleet.testing.archives import zip_bytes
 
 
 @pytest.fixture
-def upload(session_factory, storage, tiny_config, helpers):
+def upload(session_factory, storage, tiny_config):
     """upload(tenant_id, name, seed=...) -> AdapterVersion, via a zip through import_adapter."""
     def _upload(tenant_id: str, name: str, *, seed: int = 0, n: int = 4) -> AdapterVersion:
-        config, weights = helpers.prompt_tuning_files(tiny_config, n=n, seed=seed)
-        archive = helpers.zip_bytes({"adapter_config.json": helpers.json.dumps(config).encode(),
+        config, weights = prompt_tuning_files(tiny_config, n=n, seed=seed)
+        archive = zip_bytes({"adapter_config.json": json.dumps(config).encode(),
                                      "adapter_model.safetensors": weights})
         with session_scope(session_factory) as s:
             return import_adapter(s, storage=storage, tenant_id=tenant_id, name=name, archive=archive,
@@ -117,8 +120,8 @@ def test_tenant_isolation(session_factory, storage, tenant_id, other_tenant_id, 
     assert upload(other_tenant_id, "private").version == 1  # same name, independent numbering
 
 
-def test_unknown_tenant_refused(session_factory, storage, tiny_config, helpers):
-    config, weights = helpers.prompt_tuning_files(tiny_config)
+def test_unknown_tenant_refused(session_factory, storage, tiny_config):
+    config, weights = prompt_tuning_files(tiny_config)
     with session_scope(session_factory) as s:
         with pytest.raises(TenantNotFound):
             register_adapter(s, storage=storage, tenant_id="0" * 32, name="x", config=config,
@@ -126,9 +129,8 @@ def test_unknown_tenant_refused(session_factory, storage, tiny_config, helpers):
     assert [p for p in storage.root.rglob("*") if p.is_file()] == []
 
 
-def test_register_is_idempotent_on_job_id(session_factory, storage, tenant_id, other_tenant_id, tiny_config,
-                                          helpers):
-    config, weights = helpers.prompt_tuning_files(tiny_config, seed=3)
+def test_register_is_idempotent_on_job_id(session_factory, storage, tenant_id, other_tenant_id, tiny_config):
+    config, weights = prompt_tuning_files(tiny_config, seed=3)
     with session_scope(session_factory) as s:
         first = register_adapter(s, storage=storage, tenant_id=tenant_id, name="trained", config=config,
                                  safetensors_bytes=weights, model_config=tiny_config, source_job_id="job-1")
@@ -142,7 +144,7 @@ def test_register_is_idempotent_on_job_id(session_factory, storage, tenant_id, o
         assert s.scalar(select(func.count()).select_from(AdapterVersion)) == 1
         with pytest.raises(AdapterRejected, match="width 96"):
             register_adapter(s, storage=storage, tenant_id=tenant_id, name="trained",
-                             config={**config, "token_dim": None}, safetensors_bytes=helpers.prompt_tuning_files(
+                             config={**config, "token_dim": None}, safetensors_bytes=prompt_tuning_files(
                                  tiny_config, width=96)[1], model_config=tiny_config, source_job_id="job-2")
 
 
@@ -183,10 +185,10 @@ def test_fingerprint_mismatch_refused_at_resolve(session_factory, tenant_id, upl
             resolve_adapter(s, tenant_id=tenant_id, ref="a", model_config=bigger)
 
 
-def test_load_weights_and_corrupt_blob(session_factory, storage, tenant_id, upload, tiny_config, helpers):
+def test_load_weights_and_corrupt_blob(session_factory, storage, tenant_id, upload, tiny_config):
     version = upload(tenant_id, "w", seed=9)
     weights = load_adapter_weights(storage=storage, version=version)
-    _, raw = helpers.prompt_tuning_files(tiny_config, seed=9)
+    _, raw = prompt_tuning_files(tiny_config, seed=9)
     assert torch.equal(weights.prompt_embeddings, load_safetensors(raw)["prompt_embeddings"])
     assert cache_key(version) == f"{version.sha256}:{version.base_fingerprint}"
     path = storage.root / version.sha256[:2] / version.sha256[2:]

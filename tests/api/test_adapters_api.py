@@ -10,8 +10,10 @@ import torch
 from peft import PeftModel
 from transformers import GPT2LMHeadModel
 
+from promptfleet.client import zip_directory
 from promptfleet.platform.tokenizer import load_tokenizer
 from promptfleet.testing import api_error as _err
+from promptfleet.testing.peft import make_peft_adapter
 
 
 def peft_greedy(checkpoint: Path, adapter_dir: Path, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
@@ -95,7 +97,7 @@ def test_other_tenants_adapters_are_404(make_api, db_kind, peft_zips):
     assert api.client.get("/v1/adapters/secret", headers=alice).json()["num_virtual_tokens"] == 5
 
 
-def test_refused_uploads_store_nothing(make_api, peft_dirs, tiny_checkpoint, tmp_path, helpers):
+def test_refused_uploads_store_nothing(make_api, peft_dirs, tiny_checkpoint, tmp_path):
     api = make_api()
     _, h = api.new_tenant()
     _err(api.upload(h, "a", b"not an archive at all"), 400, "adapter_rejected")
@@ -107,10 +109,10 @@ def test_refused_uploads_store_nothing(make_api, peft_dirs, tiny_checkpoint, tmp
     err = _err(api.upload(h, "a", buf.getvalue()), 400, "adapter_rejected")
     assert "pickle" in err["message"]
     # an adapter for another backbone (d=64, this server runs d=128)
-    other = helpers.make_peft_adapter(tiny_checkpoint, tmp_path / "tiny-pt", "prompt_tuning", 4, 1)
-    err = _err(api.upload(h, "a", helpers.zip_dir(other)), 400, "adapter_rejected")
+    other = make_peft_adapter(tiny_checkpoint, tmp_path / "tiny-pt", "prompt_tuning", 4, 1)
+    err = _err(api.upload(h, "a", zip_directory(other)), 400, "adapter_rejected")
     assert "does not fit this backbone" in err["message"]
-    _err(api.upload(h, "bad/name", helpers.zip_dir(peft_dirs["pt"])), 400, "invalid_adapter_name")
+    _err(api.upload(h, "bad/name", zip_directory(peft_dirs["pt"])), 400, "invalid_adapter_name")
     _err(api.client.post("/v1/adapters", data={"name": "a"}, headers=h), 400)
     _err(api.client.post("/v1/adapters", files={"file": ("a.zip", b"x")}, headers=h), 400)
     assert api.client.get("/v1/adapters", headers=h).json()["data"] == []

@@ -9,6 +9,7 @@ import pytest
 
 from promptfleet.platform.sampling import SamplingParams
 from promptfleet.testing import api_error
+from promptfleet.testing.api_app import engine_reference
 
 GREEDY = {"model": "gpt2", "max_tokens": 8, "temperature": 0}
 
@@ -33,7 +34,7 @@ def tenant(api):
     return api.new_tenant()[1]
 
 
-def test_string_prompt_matches_the_engine(api, tenant, helpers):
+def test_string_prompt_matches_the_engine(api, tenant):
     r = api.client.post("/v1/completions", json={**GREEDY, "prompt": "The quick brown fox"}, headers=tenant)
     assert r.status_code == 200, r.text
     body = r.json()
@@ -41,17 +42,17 @@ def test_string_prompt_matches_the_engine(api, tenant, helpers):
     assert isinstance(body["created"], int)
     [choice] = body["choices"]
     assert choice["index"] == 0 and choice["logprobs"] is None and choice["finish_reason"] == "length"
-    assert choice["text"] == helpers.reference(api.engine, "The quick brown fox", SamplingParams(max_tokens=8,
-                                                                                                 temperature=0))
+    assert choice["text"] == engine_reference(api.engine, "The quick brown fox", SamplingParams(max_tokens=8,
+                                                                                                temperature=0))
     n_prompt = len(api.engine.encode("The quick brown fox"))
     assert body["usage"] == {"prompt_tokens": n_prompt, "completion_tokens": 8, "total_tokens": n_prompt + 8}
 
 
-def test_every_prompt_form(api, tenant, helpers):
+def test_every_prompt_form(api, tenant):
     enc = api.engine.encode
     greedy = SamplingParams(max_tokens=8, temperature=0)
     prompts = ["Hello", "Once upon a time", "x"]
-    refs = [helpers.reference(api.engine, p, greedy) for p in prompts]
+    refs = [engine_reference(api.engine, p, greedy) for p in prompts]
     for prompt in (prompts, [enc(p) for p in prompts]):
         r = api.client.post("/v1/completions", json={**GREEDY, "prompt": prompt}, headers=tenant)
         assert r.status_code == 200, r.text
@@ -63,10 +64,10 @@ def test_every_prompt_form(api, tenant, helpers):
     assert [c["text"] for c in r.json()["choices"]] == refs[:1]
     # the empty prompt is the end-of-text token, as in GPT-2
     r = api.client.post("/v1/completions", json={**GREEDY, "prompt": ""}, headers=tenant)
-    assert r.json()["choices"][0]["text"] == helpers.reference(api.engine, [50256], greedy)
+    assert r.json()["choices"][0]["text"] == engine_reference(api.engine, [50256], greedy)
 
 
-def test_sampling_parameters_reach_the_engine(api, tenant, helpers):
+def test_sampling_parameters_reach_the_engine(api, tenant):
     eng = api.engine
     # seeded sampling: reproducible, and sample j of n uses seed + j
     req = {"model": "gpt2", "prompt": "Hello", "max_tokens": 8, "temperature": 0.9, "top_p": 0.9, "top_k": 50,
@@ -78,10 +79,10 @@ def test_sampling_parameters_reach_the_engine(api, tenant, helpers):
     twice = api.client.post("/v1/completions", json={**req, "n": 1, "prompt": ["Hello", "Hello"]}, headers=tenant)
     assert twice.json()["usage"]["prompt_tokens"] == 2 * n_hello
     for j, choice in enumerate(a["choices"]):
-        assert choice["text"] == helpers.reference(eng, "Hello", SamplingParams(
+        assert choice["text"] == engine_reference(eng, "Hello", SamplingParams(
             max_tokens=8, temperature=0.9, top_p=0.9, top_k=50, seed=1234 + j))
     # repetition_penalty and a stop string
-    full = helpers.reference(eng, "abc", SamplingParams(max_tokens=16, temperature=0, repetition_penalty=1.3))
+    full = engine_reference(eng, "abc", SamplingParams(max_tokens=16, temperature=0, repetition_penalty=1.3))
     r = api.client.post("/v1/completions", headers=tenant, json={
         "model": "gpt2", "prompt": "abc", "max_tokens": 16, "temperature": 0, "repetition_penalty": 1.3})
     assert r.json()["choices"][0]["text"] == full
@@ -100,8 +101,8 @@ def test_repetition_finish_reason(api, tenant):
     assert choice["finish_reason"] == "repetition" and r.json()["usage"]["completion_tokens"] < 64
 
 
-def test_streaming(api, tenant, helpers):
-    want = helpers.reference(api.engine, "Hello", SamplingParams(max_tokens=8, temperature=0.7, seed=5))
+def test_streaming(api, tenant):
+    want = engine_reference(api.engine, "Hello", SamplingParams(max_tokens=8, temperature=0.7, seed=5))
     r = api.client.post("/v1/completions", headers=tenant, json={
         "model": "gpt2", "prompt": "Hello", "max_tokens": 8, "temperature": 0.7, "seed": 5, "stream": True})
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
@@ -126,7 +127,7 @@ def test_streaming(api, tenant, helpers):
     assert all(c["usage"] is None for c in chunks)
     for i, prompt in enumerate(["Hello", "abc"]):
         text = "".join(c["choices"][0]["text"] for c in chunks if c["choices"][0]["index"] == i)
-        assert text == helpers.reference(api.engine, prompt, SamplingParams(max_tokens=8, temperature=0))
+        assert text == engine_reference(api.engine, prompt, SamplingParams(max_tokens=8, temperature=0))
 
 
 @pytest.mark.parametrize("extra, param", [

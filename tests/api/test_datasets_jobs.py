@@ -9,6 +9,7 @@ import time
 import pytest
 
 from promptfleet.testing import api_error as _err
+from promptfleet.testing.api_app import api_settings, running_api
 
 
 def jsonl(n: int = 8, completion: str = " the fleet sails") -> bytes:
@@ -102,10 +103,10 @@ class _BrokerDown:
         raise ConnectionError("broker unreachable")
 
 
-def test_broker_failure_is_503_and_a_failed_job_cannot_be_cancelled(make_api, small_checkpoint, helpers, tmp_path,
+def test_broker_failure_is_503_and_a_failed_job_cannot_be_cancelled(make_api, small_checkpoint, tmp_path,
                                                                        api_engine):
-    settings = helpers.api_settings(tmp_path / "broken", small_checkpoint)
-    with helpers.running_api(settings, engine=api_engine, celery_app=_BrokerDown()) as api:
+    settings = api_settings(tmp_path / "broken", small_checkpoint)
+    with running_api(settings, engine=api_engine, celery_app=_BrokerDown()) as api:
         _, h = api.new_tenant()
         ds = upload_dataset(api, h, jsonl()).json()["id"]
         r = api.client.post("/v1/jobs", json={"adapter_name": "a", "dataset_id": ds}, headers=h)

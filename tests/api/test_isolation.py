@@ -19,6 +19,8 @@ from hypothesis import strategies as st
 from safetensors.torch import save as save_safetensors
 
 from promptfleet.api import create_app
+from promptfleet.testing.api_app import api_settings
+from promptfleet.testing.live_server import live_server
 
 VICTIM = {"model": "v-adapter", "prompt": "Tenant V streams a long answer:", "max_tokens": 120,
           "temperature": 0, "stream": True, "ignore_eos": True}
@@ -48,12 +50,12 @@ def _hostile_adapter(template: Path, fill: float) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def server(api_engine, small_checkpoint, tmp_path_factory, helpers, peft_zips):
-    settings_ = helpers.api_settings(tmp_path_factory.mktemp("isolation"), small_checkpoint, max_tokens_limit=200,
-                                     generation_cache_enabled=False, tenant_rate_per_s=10_000.0,
-                                     tenant_rate_burst=10_000)
+def server(api_engine, small_checkpoint, tmp_path_factory, peft_zips):
+    settings_ = api_settings(tmp_path_factory.mktemp("isolation"), small_checkpoint, max_tokens_limit=200,
+                             generation_cache_enabled=False, tenant_rate_per_s=10_000.0,
+                             tenant_rate_burst=10_000)
     app = create_app(settings_, engine=api_engine)
-    with helpers.live_server(app) as live:
+    with live_server(app) as live:
         admin = {"Authorization": f"Bearer {settings_.admin_key}"}
         with httpx.Client(base_url=live.base_url, timeout=60) as http:
             keys = {}

@@ -12,6 +12,8 @@ import pytest
 from promptfleet.api.limits import LimitExceeded, TenantLimiter, TenantLimits
 from promptfleet.platform.config import EngineConfig
 from promptfleet.platform.engine import Engine
+from promptfleet.testing.engine_gate import StepGate
+from promptfleet.testing.polling import wait_for_async
 
 LONG = {"model": "gpt2", "prompt": "Hello", "max_tokens": 200, "temperature": 0, "ignore_eos": True}
 
@@ -62,13 +64,13 @@ def test_concurrency_slots():
 
 def test_rate_limit_is_429_with_retry_after(make_api, limit_settings):
     api = make_api(**limit_settings)
-    tid, h = api.new_tenant(rate_per_s=0.2, rate_burst=2)
+    tid, h = api.new_tenant(rate_per_s=0.01, rate_burst=2)  # one token per 100 s: no stall refills it
     assert api.client.get("/v1/models", headers=h).status_code == 200
     assert api.client.get("/v1/adapters", headers=h).status_code == 200
     r = api.client.post("/v1/completions", json={"model": "gpt2", "prompt": "x"}, headers=h)
     assert r.status_code == 429, r.text
     assert r.json()["error"]["type"] == "rate_limit_error" and r.json()["error"]["code"] == "rate_limit_exceeded"
-    assert int(r.headers["retry-after"]) in (4, 5)
+    assert 90 <= int(r.headers["retry-after"]) <= 100
     # another tenant is not affected
     _, other = api.new_tenant()
     assert api.client.get("/v1/models", headers=other).status_code == 200
@@ -79,19 +81,20 @@ async def test_concurrency_cap_is_429(make_api, limit_settings):
     api = make_api(max_tokens_limit=400, **limit_settings)
     tid, h = api.new_tenant(max_concurrent=1)
     transport = httpx.ASGITransport(app=api.app)
-    async with httpx.AsyncClient(transport=transport, base_url="http://api") as client:
-        first = asyncio.create_task(client.post("/v1/completions", json={**LONG, "max_tokens": 400}, headers=h))
-        for _ in range(500):
-            if api.state.limiter.active(tid) == 1:
-                break
-            await asyncio.sleep(0.005)
-        second = await client.post("/v1/completions", json={**LONG, "max_tokens": 2}, headers=h)
-        assert second.status_code == 429, second.text
-        assert second.headers["retry-after"] == "1"
-        assert "concurrent" in second.json()["error"]["message"]
-        assert (await first).status_code == 200
-        assert api.state.limiter.active(tid) == 0
-        assert (await client.post("/v1/completions", json={**LONG, "max_tokens": 2}, headers=h)).status_code == 200
+    # the engine is held between steps, so the first request is in flight by construction
+    with StepGate(api.engine, allow=1) as gate:
+        async with httpx.AsyncClient(transport=transport, base_url="http://api", timeout=120) as client:
+            first = asyncio.create_task(client.post("/v1/completions", json={**LONG, "max_tokens": 8}, headers=h))
+            await wait_for_async(lambda: api.state.limiter.active(tid) == 1 and gate.held,
+                                 what="the first request to hold the tenant's one slot at the held engine")
+            second = await client.post("/v1/completions", json={**LONG, "max_tokens": 2}, headers=h)
+            assert second.status_code == 429, second.text
+            assert second.headers["retry-after"] == "1"
+            assert "concurrent" in second.json()["error"]["message"]
+            gate.open()
+            assert (await first).status_code == 200
+            assert api.state.limiter.active(tid) == 0
+            assert (await client.post("/v1/completions", json={**LONG, "max_tokens": 2}, headers=h)).status_code == 200
 
 
 async def test_full_engine_queue_is_503_with_retry_after(make_api, small_checkpoint):
@@ -100,24 +103,31 @@ async def test_full_engine_queue_is_503_with_retry_after(make_api, small_checkpo
         api = make_api(engine=engine, max_tokens_limit=400)
         _, h = api.new_tenant()
         transport = httpx.ASGITransport(app=api.app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://api", timeout=60) as client:
-            first = asyncio.create_task(client.post("/v1/completions", json={**LONG, "max_tokens": 400}, headers=h))
-            for _ in range(500):
-                if engine.stats().running == 1:
-                    break
-                await asyncio.sleep(0.005)
-            rest = await asyncio.gather(*(client.post("/v1/completions", json={**LONG, "max_tokens": 300},
-                                                      headers=h) for _ in range(3)))
-            statuses = sorted(r.status_code for r in rest)
-            assert statuses == [200, 503, 503], [r.text for r in rest]
-            for r in rest:
+        async with httpx.AsyncClient(transport=transport, base_url="http://api", timeout=120) as client:
+            with StepGate(engine, allow=1) as gate:  # the first request runs one step, then the engine waits
+                first = asyncio.create_task(client.post("/v1/completions", json={**LONG, "max_tokens": 8},
+                                                        headers=h))
+                await wait_for_async(lambda: engine.stats().running == 1 and gate.held,
+                                     what="the first request to be running at the held engine")
+                rest = [asyncio.create_task(client.post("/v1/completions", json={**LONG, "max_tokens": 4},
+                                                        headers=h)) for _ in range(3)]
+                # one takes the single queue place; the other two are refused while the first still runs
+                await wait_for_async(lambda: sum(t.done() for t in rest) == 2,
+                                     what="two of three requests to be refused by the full queue")
+                assert engine.stats().waiting == 1 and engine.stats().running == 1
+                gate.open()
+                done = await asyncio.gather(*rest)
+            statuses = sorted(r.status_code for r in done)
+            assert statuses == [200, 503, 503], [r.text for r in done]
+            for r in done:
                 if r.status_code == 503:
                     assert r.headers["retry-after"] == "1"
                     assert r.json()["error"]["code"] == "queue_full" and "queue is full" in r.json()["error"]["message"]
             assert (await first).status_code == 200
             stream = await client.post("/v1/completions", json={**LONG, "max_tokens": 4, "stream": True}, headers=h)
             assert stream.status_code == 200
-        assert engine.stats().running == 0 and engine.stats().waiting == 0
+        await wait_for_async(lambda: engine.stats().running == 0 and engine.stats().waiting == 0,
+                             what="the engine to be idle")
     finally:
         engine.stop()
 

@@ -13,6 +13,7 @@ from sqlalchemy import create_engine
 from promptfleet.api import create_app
 from promptfleet.api.logs import configure_logging
 from promptfleet.api.uploads import BodyLimit, BodyLimitMiddleware
+from promptfleet.testing.api_app import api_settings, running_api
 
 
 def samples(text: str) -> dict[str, list]:
@@ -23,7 +24,7 @@ def samples(text: str) -> dict[str, list]:
     return out
 
 
-def test_health_and_readiness(api, helpers, small_checkpoint, tmp_path):
+def test_health_and_readiness(api, small_checkpoint, tmp_path):
     assert api.client.get("/healthz").json() == {"status": "ok", "checks": {}}
     r = api.client.get("/readyz")
     assert r.status_code == 200 and r.json()["checks"] == {"model": "ok", "database": "ok"}
@@ -37,7 +38,7 @@ def test_health_and_readiness(api, helpers, small_checkpoint, tmp_path):
     finally:
         api.state.db_engine = good
     # before the lifespan has run (model not loaded) -> 503
-    app = create_app(helpers.api_settings(tmp_path / "cold", small_checkpoint))
+    app = create_app(api_settings(tmp_path / "cold", small_checkpoint))
     from fastapi.testclient import TestClient
     cold = TestClient(app)  # not entered: no lifespan
     assert cold.get("/readyz").status_code == 503
@@ -175,18 +176,18 @@ def test_oversized_headers_get_431_in_openai_shape_and_normal_ones_pass(api):
     assert err["code"] == "request_header_fields_too_large" and "32 KiB" in err["message"]
 
 
-def test_adapter_prefixes_survive_a_restart_on_disk(make_api, helpers, small_checkpoint, tmp_path, api_engine,
+def test_adapter_prefixes_survive_a_restart_on_disk(make_api, small_checkpoint, tmp_path, api_engine,
                                                    peft_zips):
     """A restarted server reads an adapter's built KV prefix from the data dir's disk tier
     instead of recomputing it, and serves the same tokens."""
-    settings = helpers.api_settings(tmp_path / "restart", small_checkpoint, generation_cache_enabled=False)
+    settings = api_settings(tmp_path / "restart", small_checkpoint, generation_cache_enabled=False)
     body = {"model": "bot", "prompt": "restart", "max_tokens": 6, "temperature": 0}
-    with helpers.running_api(settings, engine=api_engine) as api:
+    with running_api(settings, engine=api_engine) as api:
         _, h = api.new_tenant()
         assert api.upload(h, "bot", peft_zips["pt"]).status_code == 201
         first = api.client.post("/v1/completions", json=body, headers=h).json()["choices"][0]["text"]
         assert (api.state.prefix_store.hits, api.state.prefix_store.misses) == (0, 1)
-    with helpers.running_api(settings, engine=api_engine) as api:
+    with running_api(settings, engine=api_engine) as api:
         again = api.client.post("/v1/completions", json=body, headers=h).json()["choices"][0]["text"]
         assert again == first
         assert (api.state.prefix_store.hits, api.state.prefix_store.misses) == (1, 0)

@@ -11,6 +11,7 @@ import httpx
 
 from promptfleet.client import PromptFleetClient
 from promptfleet.testing import api_error as _err
+from promptfleet.testing.live_server import live_server
 
 
 def jsonl(seed: int) -> bytes:
@@ -136,7 +137,7 @@ def test_another_tenants_cursor_tells_nothing(make_api, db_kind, peft_zips):
     assert api.client.get("/v1/adapters", headers=bob, params={"after": "secret@1"}).json()["data"] == []
 
 
-def test_client_and_openai_client_see_every_item(make_api, helpers, peft_zips):
+def test_client_and_openai_client_see_every_item(make_api, peft_zips):
     import openai
 
     api = make_api()
@@ -145,7 +146,7 @@ def test_client_and_openai_client_see_every_item(make_api, helpers, peft_zips):
     for name in names:
         assert api.upload(h, name, peft_zips["prefix"]).status_code == 201
     key = h["Authorization"].removeprefix("Bearer ")
-    with helpers.live_server(api.app) as live:
+    with live_server(api.app) as live:
         client = PromptFleetClient(live.base_url, key)
         assert [a["name"] for a in client.list_all("/v1/adapters", page_size=4)] == names
         assert [a["name"] for a in client.list_adapters()] == names

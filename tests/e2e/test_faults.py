@@ -20,6 +20,11 @@ from dataclasses import dataclass
 import httpx
 import pytest
 
+from promptfleet.client import zip_directory
+from promptfleet.testing.peft import make_peft_adapter
+from promptfleet.testing.polling import wait_for
+from promptfleet.testing.sse import stream_completion
+
 pytestmark = [pytest.mark.postgres, pytest.mark.redis, pytest.mark.slow]
 
 TERMINAL = ("succeeded", "failed", "cancelled")
@@ -94,8 +99,8 @@ class Load:
     """Background clients: completions (plain and streamed, adapter and base model), adapter
     uploads and job submissions, until ``stop()``. Every outcome is recorded."""
 
-    def __init__(self, stack, e2e, keys: dict[str, str], archive: bytes, dataset_id: str) -> None:
-        self.stack, self.e2e, self.keys, self.archive, self.dataset_id = stack, e2e, keys, archive, dataset_id
+    def __init__(self, stack, keys: dict[str, str], archive: bytes, dataset_id: str) -> None:
+        self.stack, self.keys, self.archive, self.dataset_id = stack, keys, archive, dataset_id
         self.outcomes: list[Outcome] = []
         self.uploaded: list[tuple[str, int, str]] = []   # (name, version, sha256) answered 201
         self.jobs: list[str] = []                         # job ids answered 202
@@ -125,7 +130,7 @@ class Load:
         model = "steady" if n % 2 == 0 else "gpt2"
         body = {"model": model, "prompt": f"request {n}-{i}", **GREEDY}
         if i % 2:
-            s = self.e2e.stream_completion(client, key, body)
+            s = stream_completion(client, key, body)
             complete = s.status != 200 or (s.done == 1 and len(s.finish_reasons) == 1 and not s.errors)
             self._record(Outcome(time.monotonic(), "stream", s.status, str(s.errors)[:200], complete))
         else:
@@ -166,11 +171,11 @@ class Load:
         assert not any(t.is_alive() for t in self._threads), "a load thread hung"
 
 
-def test_api_restart_under_load_loses_nothing_accepted(stack, e2e, jsonl, tiny_checkpoint, tmp_path):
+def test_api_restart_under_load_loses_nothing_accepted(stack, jsonl, tiny_checkpoint, tmp_path):
     live_worker(stack)
     limits = {"rate_per_s": 1000.0, "rate_burst": 1000, "max_concurrent": 1000}
     keys = {"a": stack.new_tenant("restart-a", **limits), "b": stack.new_tenant("restart-b", **limits)}
-    archive = e2e.zip_dir(e2e.make_peft_adapter(tiny_checkpoint, tmp_path / "steady", "prompt_tuning", 4, seed=5))
+    archive = zip_directory(make_peft_adapter(tiny_checkpoint, tmp_path / "steady", "prompt_tuning", 4, seed=5))
     with stack.client(keys["a"]) as a, stack.client(keys["b"]) as b:
         assert upload(a, "steady", archive).status_code == 201
         before = {m: complete(a if m == "steady" else b, m).json()["choices"][0]["text"] for m in ("steady", "gpt2")}
@@ -184,7 +189,7 @@ def test_api_restart_under_load_loses_nothing_accepted(stack, e2e, jsonl, tiny_c
     finished = stack.wait_job(keys["b"], finished_id, until=lambda j: j["status"] in TERMINAL, timeout=90)
     assert finished["status"] == "succeeded", finished
 
-    load = Load(stack, e2e, keys, archive, dataset_id).start()
+    load = Load(stack, keys, archive, dataset_id).start()
     try:
         time.sleep(1.5)
         old_pid = stack.server.pid
@@ -236,9 +241,9 @@ def test_api_restart_under_load_loses_nothing_accepted(stack, e2e, jsonl, tiny_c
 
 
 # --------------------------------------------------------------------------- PostgreSQL outage
-def test_postgres_outage_gives_503_then_recovers_without_restart(stack, pg_proxy, e2e, tiny_checkpoint, tmp_path):
+def test_postgres_outage_gives_503_then_recovers_without_restart(stack, pg_proxy, tiny_checkpoint, tmp_path):
     key = stack.new_tenant("outage")
-    archive = e2e.zip_dir(e2e.make_peft_adapter(tiny_checkpoint, tmp_path / "pt", "prompt_tuning", 3, seed=8))
+    archive = zip_directory(make_peft_adapter(tiny_checkpoint, tmp_path / "pt", "prompt_tuning", 3, seed=8))
     pid = stack.server.pid
     auth = {"Authorization": f"Bearer {key}"}
     requests = [
@@ -276,7 +281,7 @@ def test_postgres_outage_gives_503_then_recovers_without_restart(stack, pg_proxy
         finally:
             pg_proxy.up()
         # recovers by itself: same process, no restart
-        e2e.wait_for(lambda: complete(c, "gpt2").status_code == 200, timeout=30, interval=0.5,
+        wait_for(lambda: complete(c, "gpt2").status_code == 200, timeout=30, interval=0.5,
                      what="the server to recover")
         assert c.get("/readyz").status_code == 200
         assert complete(c, "pt").status_code == 200
@@ -288,10 +293,10 @@ def test_postgres_outage_gives_503_then_recovers_without_restart(stack, pg_proxy
 
 
 # --------------------------------------------------------------------------- corrupted blob
-def test_corrupted_blob_is_a_clear_error_for_that_adapter_only(stack, e2e, tiny_checkpoint, tmp_path):
+def test_corrupted_blob_is_a_clear_error_for_that_adapter_only(stack, tiny_checkpoint, tmp_path):
     key = stack.new_tenant("corrupt")
-    bad_archive = e2e.zip_dir(e2e.make_peft_adapter(tiny_checkpoint, tmp_path / "bad", "prompt_tuning", 4, seed=31))
-    good_archive = e2e.zip_dir(e2e.make_peft_adapter(tiny_checkpoint, tmp_path / "good", "prefix_tuning", 4, seed=32))
+    bad_archive = zip_directory(make_peft_adapter(tiny_checkpoint, tmp_path / "bad", "prompt_tuning", 4, seed=31))
+    good_archive = zip_directory(make_peft_adapter(tiny_checkpoint, tmp_path / "good", "prefix_tuning", 4, seed=32))
     prefixes = stack.data_dir / "prefixes"
 
     def prefix_files() -> set:

@@ -29,7 +29,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from promptfleet.testing import tar_gz_with, tar_link
+from promptfleet.testing.archives import tar_gz_with, tar_link
+from promptfleet.testing.peft import make_peft_adapter
 
 pytestmark = [pytest.mark.postgres, pytest.mark.redis, pytest.mark.slow]
 
@@ -42,8 +43,8 @@ def stack(stack_factory):
 
 
 @pytest.fixture(scope="module")
-def peft_files(e2e, tiny_checkpoint, tmp_path_factory) -> dict[str, bytes]:
-    path = e2e.make_peft_adapter(tiny_checkpoint, tmp_path_factory.mktemp("sec") / "pt", "prompt_tuning", 4, seed=3)
+def peft_files(tiny_checkpoint, tmp_path_factory) -> dict[str, bytes]:
+    path = make_peft_adapter(tiny_checkpoint, tmp_path_factory.mktemp("sec") / "pt", "prompt_tuning", 4, seed=3)
     return {p.name: p.read_bytes() for p in path.iterdir() if p.is_file()}
 
 

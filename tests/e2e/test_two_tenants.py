@@ -19,6 +19,11 @@ import httpx
 import pytest
 from openai import OpenAI
 
+from promptfleet.testing.archives import tar_gz_dir, unzip_to
+from promptfleet.testing.peft import PeftReference, make_peft_adapter
+from promptfleet.testing.processes import tail
+from promptfleet.testing.sse import stream_completion
+
 pytestmark = [pytest.mark.postgres, pytest.mark.redis, pytest.mark.slow]
 
 MAX_TOKENS = 12
@@ -27,7 +32,7 @@ KINDS = ("http", "http-stream", "openai", "openai-stream")
 TERMINAL = ("succeeded", "failed", "cancelled")
 
 
-def _one(stack, e2e, key: str, model: str, prompt: str, kind: str, start: threading.Barrier) -> dict:
+def _one(stack, key: str, model: str, prompt: str, kind: str, start: threading.Barrier) -> dict:
     body = {"model": model, "prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0}
     start.wait(timeout=60)
     if kind.startswith("openai"):
@@ -46,7 +51,7 @@ def _one(stack, e2e, key: str, model: str, prompt: str, kind: str, start: thread
             client.close()
     with stack.client(key, timeout=120) as c:
         if kind == "http-stream":
-            s = e2e.stream_completion(c, key, body)
+            s = stream_completion(c, key, body)
             assert s.status == 200 and not s.errors, (s.status, s.errors)
             assert s.after_done == 0
             return {"text": s.text, "finishes": s.finish_reasons, "ids": s.ids, "done": s.done}
@@ -58,7 +63,7 @@ def _one(stack, e2e, key: str, model: str, prompt: str, kind: str, start: thread
                 "ids": {out["id"]}, "done": 1, "usage": out["usage"]["completion_tokens"]}
 
 
-def test_two_tenants_uploaded_and_trained_adapters_concurrent_answers_equal_peft(stack_factory, e2e, jsonl,
+def test_two_tenants_uploaded_and_trained_adapters_concurrent_answers_equal_peft(stack_factory, jsonl,
                                                                                 tiny_checkpoint, tmp_path):
     stack = stack_factory()
     stack.start_worker("w1")           # boots while the server does
@@ -66,10 +71,10 @@ def test_two_tenants_uploaded_and_trained_adapters_concurrent_answers_equal_peft
     key_a, key_b = stack.new_tenant("acme"), stack.new_tenant("globex")
 
     # --- tenant A uploads an adapter made and saved by PEFT (as a tar.gz with a top folder)
-    polite_dir = e2e.make_peft_adapter(tiny_checkpoint, tmp_path / "polite", "prefix_tuning", 4, seed=21)
+    polite_dir = make_peft_adapter(tiny_checkpoint, tmp_path / "polite", "prefix_tuning", 4, seed=21)
     with stack.client(key_a) as a:
         r = a.post("/v1/adapters", data={"name": "polite"},
-                   files={"file": ("polite.tar.gz", e2e.tar_gz_dir(polite_dir), "application/gzip")})
+                   files={"file": ("polite.tar.gz", tar_gz_dir(polite_dir), "application/gzip")})
         assert r.status_code == 201, r.text
         assert (r.json()["name"], r.json()["version"], r.json()["peft_type"]) == ("polite", 1, "PREFIX_TUNING")
 
@@ -92,7 +97,7 @@ def test_two_tenants_uploaded_and_trained_adapters_concurrent_answers_equal_peft
         # served with no restart, and downloadable as a PEFT folder PEFT itself loads
         r = b.get("/v1/adapters/support/download")
         assert r.status_code == 200 and r.headers["content-type"] == "application/zip", r.text
-        support_dir = e2e.unzip_to(r.content, tmp_path / "support-downloaded")
+        support_dir = unzip_to(r.content, tmp_path / "support-downloaded")
         assert {p.name for p in support_dir.iterdir()} >= {"adapter_config.json", "adapter_model.safetensors"}
 
     # each tenant sees the base model and its own adapters only
@@ -108,11 +113,11 @@ def test_two_tenants_uploaded_and_trained_adapters_concurrent_answers_equal_peft
             for i in range(24)]
     start = threading.Barrier(len(plan))
     with ThreadPoolExecutor(max_workers=len(plan)) as pool:
-        futures = [pool.submit(_one, stack, e2e, key, model, prompt, kind, start)
+        futures = [pool.submit(_one, stack, key, model, prompt, kind, start)
                    for key, model, _dir, prompt, kind in plan]
         results = [f.result(timeout=300) for f in futures]
 
-    reference = e2e.PeftReference(tiny_checkpoint)
+    reference = PeftReference(tiny_checkpoint)
     seen_ids: set[str] = set()
     mismatches = []
     for (key, model, adapter_dir, prompt, kind), got in zip(plan, results):
@@ -131,7 +136,7 @@ def test_two_tenants_uploaded_and_trained_adapters_concurrent_answers_equal_peft
         assert any(reference.answer(adapter_dir, p, MAX_TOKENS) != reference.answer(None, p, MAX_TOKENS)
                    for p in PROMPTS)
     # nothing went wrong server-side
-    assert "Traceback" not in stack.server.log(), e2e.tail(stack.server.log())
+    assert "Traceback" not in stack.server.log(), tail(stack.server.log())
     with httpx.Client(base_url=stack.base_url) as c:
         metrics = c.get("/metrics").text
     assert 'status="500"' not in metrics

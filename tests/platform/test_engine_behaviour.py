@@ -13,6 +13,8 @@ from promptfleet.platform.config import EngineConfig, RepetitionConfig
 from promptfleet.platform.engine import Engine, QueueFullError, RequestTooLargeError
 from promptfleet.platform.sampling import SamplingParams
 from promptfleet.platform.sequence import find_repetition
+from promptfleet.testing.engine_gate import StepGate
+from promptfleet.testing.polling import wait_for_async
 
 
 async def test_seeded_request_same_text_whatever_batch_mates(small_engine):
@@ -80,42 +82,54 @@ async def test_cancel_frees_cache_at_once(small_engine):
     await gen.__anext__()
     assert small_engine.stats().running == 1 and small_engine.stats().kv_reserved_tokens > 0
     await gen.aclose()
-    for _ in range(100):
-        if small_engine.stats().running == 0:
-            break
-        await asyncio.sleep(0.01)
-    assert small_engine.stats().running == 0 and small_engine.stats().kv_reserved_tokens == 0
+    await wait_for_async(lambda: small_engine.stats().running == 0, what="the cancelled request to leave the batch")
+    assert small_engine.stats().kv_reserved_tokens == 0
 
 
 async def test_kv_budget_bounds_admission(small_checkpoint):
+    """The cache allocates what kv_cache_bytes holds: two slots of max_model_len (+1 scratch
+    position) here, so at most two requests run at once, and the allocation is within it."""
     per_token = 2 * 4 * 128 * 4
-    engine = Engine.from_pretrained(small_checkpoint, EngineConfig(kv_cache_bytes=per_token * 60))
+    budget = per_token * 2 * 41 + per_token * 30  # two slots of 40 + 1, not three
+    engine = Engine.from_pretrained(small_checkpoint, EngineConfig(kv_cache_bytes=budget, max_model_len=40))
     try:
+        assert engine.cache.max_slots == 2 and engine.cache.allocated_bytes <= budget
         seen = []
         async def run(i):
             async for _ in engine.generate(f"req {i}", SamplingParams(max_tokens=20, temperature=0,
                                                                       detect_repetition=False)):
                 seen.append(engine.stats().running)
         await asyncio.gather(*[run(i) for i in range(6)])
-        assert max(seen) == 2  # each reserves ~23 tokens of a 60-token budget
-        with pytest.raises(RequestTooLargeError, match="budget"):
-            await engine.complete("x", SamplingParams(max_tokens=100))
+        assert max(seen) == 2
     finally:
         engine.stop()
+    # a budget under one full-length sequence: one slot of what it holds, longer requests refused
+    small = Engine.from_pretrained(small_checkpoint, EngineConfig(kv_cache_bytes=per_token * 60))
+    try:
+        assert (small.cache.max_slots, small.cache.max_len) == (1, 59)
+        assert small.cache.allocated_bytes <= per_token * 60
+        assert (await small.complete("x", SamplingParams(max_tokens=20))).completion_tokens > 0
+        with pytest.raises(RequestTooLargeError, match="budget"):
+            await small.complete("x", SamplingParams(max_tokens=100))
+    finally:
+        small.stop()
 
 
 async def test_queue_full_is_refused(small_checkpoint):
     engine = Engine.from_pretrained(small_checkpoint, EngineConfig(max_batch_size=1, max_queue=1))
     try:
         slow = SamplingParams(max_tokens=200, temperature=0, detect_repetition=False)
-        first = engine.generate("one", slow)
-        await first.__anext__()  # running
-        second = asyncio.ensure_future(engine.complete("two", slow))  # waiting
-        await asyncio.sleep(0.05)
-        with pytest.raises(QueueFullError, match="queue is full"):
-            await engine.complete("three", slow)
-        await first.aclose()
-        assert (await second).completion_tokens > 0
+        with StepGate(engine, allow=1) as gate:  # the first request runs one step, then the engine waits
+            first = engine.generate("one", slow)
+            await first.__anext__()  # running
+            second = asyncio.ensure_future(engine.complete("two", slow))
+            await wait_for_async(lambda: engine.stats().waiting == 1, what="the second request to be waiting")
+            assert engine.stats().running == 1
+            with pytest.raises(QueueFullError, match="queue is full"):
+                await engine.complete("three", slow)
+            gate.open()
+            await first.aclose()
+            assert (await second).completion_tokens > 0
     finally:
         engine.stop()
 
@@ -136,7 +150,7 @@ def _write_adapter(path, config: dict, tensor: torch.Tensor):
     ({"peft_type": "PROMPT_TUNING", "task_type": "CAUSAL_LM", "num_virtual_tokens": 4}, torch.randn(4, 64),
      "width 64 does not fit"),
     ({"peft_type": "PREFIX_TUNING", "task_type": "CAUSAL_LM", "num_virtual_tokens": 4}, torch.randn(4, 128),
-     "n_layer\\*2\\*n_embd"),
+     "n_layer\\*2\\*n_kv_head\\*head_dim"),
     ({"peft_type": "PROMPT_TUNING", "task_type": "CAUSAL_LM", "num_virtual_tokens": 2},
      torch.tensor([[float("nan")] * 128, [0.0] * 128]), "NaN or Inf"),
     ({"peft_type": "PROMPT_TUNING", "task_type": "CAUSAL_LM", "num_virtual_tokens": 1},
