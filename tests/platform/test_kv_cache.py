@@ -11,21 +11,25 @@ import torch
 from promptfleet.platform.config import ModelConfig
 from promptfleet.platform.kv_cache import PackedBatch, SlotBatch, SlotKVCache, resolve_attention
 from promptfleet.platform.native_kernels import unavailable_for, unavailable_reason
+from promptfleet.testing.skips import needs_native
 
 CFG = ModelConfig(n_layer=1, n_head=4, n_embd=32, n_positions=64)
 H, D = CFG.n_head, CFG.head_dim
 CFG16 = ModelConfig(n_layer=1, n_head=4, n_embd=64, n_positions=64)  # head_dim 16: the native kernel's unit
-AVX512 = pytest.mark.skipif(unavailable_reason() is not None, reason=f"native kernels: {unavailable_reason()}")
+AVX512 = needs_native()  # why a skip is legitimate: promptfleet.testing.skips
 
 
 def reference(history_k: list[torch.Tensor], history_v: list[torch.Tensor], q: torch.Tensor, b: int,
               start: int, n: int) -> torch.Tensor:
-    """Row b's n new queries over its keys 0..start+n-1, causal, in float64: [n, H, D]."""
-    keys, values = history_k[b][: start + n].double(), history_v[b][: start + n].double()
-    scores = torch.einsum("qhd,khd->hqk", q[b, :n].double(), keys) / math.sqrt(q.shape[-1])
-    allowed = torch.arange(start + n)[None, :] <= (start + torch.arange(n))[:, None]
-    scores = scores.masked_fill(~allowed, float("-inf"))
-    return torch.einsum("hqk,khd->qhd", scores.softmax(-1), values)
+    """Row b's n new queries, in float64: [n, H, D]. No mask: query i (at position
+    start + i) is written out over exactly its keys 0..start+i, one query at a time."""
+    out = []
+    for i in range(n):
+        keys = history_k[b][: start + i + 1].double()      # [k, H, D]
+        values = history_v[b][: start + i + 1].double()
+        scores = torch.einsum("hd,khd->hk", q[b, i].double(), keys) / math.sqrt(q.shape[-1])
+        out.append(torch.einsum("hk,khd->hd", scores.softmax(-1), values))
+    return torch.stack(out)
 
 
 @pytest.mark.parametrize("backend, cfg, dtype, tol", [

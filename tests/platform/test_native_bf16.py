@@ -9,12 +9,12 @@ import torch.nn.functional as F
 from transformers import GPT2LMHeadModel
 
 from promptfleet.platform.model import DenseCache
-from promptfleet.platform.native_kernels import native_kernels, unavailable_for
+from promptfleet.platform.native_kernels import native_kernels
 from promptfleet.platform.native_layers import NativeLinear
 from promptfleet.platform.weights import load_gpt2
+from promptfleet.testing.skips import needs_native
 
-REASON = unavailable_for(torch.device("cpu"), torch.bfloat16)
-pytestmark = pytest.mark.skipif(REASON is not None, reason=f"native bf16: {REASON}")
+pytestmark = needs_native(torch.bfloat16)  # why a skip is legitimate: promptfleet.testing.skips
 
 
 @pytest.mark.parametrize("rows", [1, 8, 33])

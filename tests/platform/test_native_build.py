@@ -6,8 +6,9 @@ import pytest
 
 from promptfleet.platform.native_build import KernelUnavailable, build_library
 from promptfleet.platform.native_kernels import unavailable_reason
+from promptfleet.testing.skips import needs_native
 
-needs_kernel = pytest.mark.skipif(unavailable_reason() is not None, reason=f"native kernel: {unavailable_reason()}")
+needs_kernel = needs_native()  # why a skip is legitimate: promptfleet.testing.skips
 
 
 @needs_kernel

@@ -20,6 +20,7 @@ from promptfleet.platform.engine import Engine
 from promptfleet.platform.linear_kernels import onednn_linear_available
 from promptfleet.platform.native_build import KernelUnavailable, plan_build
 from promptfleet.platform.sampling import SamplingParams
+from promptfleet.testing.skips import require_native
 
 PROMPTS = ("Fail safe kernels", "torch paths", "one warning")
 PARAMS = SamplingParams(max_tokens=8, temperature=0, detect_repetition=False)
@@ -217,7 +218,7 @@ def test_non_native_config_calls_no_native_kernel(linears, small_checkpoint, mon
 def test_the_spy_sees_native_calls(small_checkpoint, monkeypatch):
     """The spy above can fail: an ``auto`` engine where the kernels run is seen calling them."""
     if nk.unavailable_for(torch.device("cpu"), torch.float32) is not None:
-        pytest.skip(f"native kernels: {nk.unavailable_reason()}")
+        require_native(torch.float32)
     calls = spy_on_native(monkeypatch)
     generate(small_checkpoint, EngineConfig(max_batch_size=4))
     assert {"outcome", "pf_linear", "pf_decode_attention", "argmax", "pf_argmax_rows"} <= set(calls)

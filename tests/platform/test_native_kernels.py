@@ -12,9 +12,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from promptfleet.platform.native_layers import NativeLinear
-from promptfleet.platform.native_kernels import native_kernels, unavailable_reason
+from promptfleet.platform.native_kernels import native_kernels
+from promptfleet.testing.skips import needs_native
 
-needs_kernel = pytest.mark.skipif(unavailable_reason() is not None, reason=f"native kernel: {unavailable_reason()}")
+needs_kernel = needs_native()  # why a skip is legitimate: promptfleet.testing.skips
 
 
 @needs_kernel

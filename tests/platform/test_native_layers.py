@@ -9,10 +9,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from promptfleet.platform.native_kernels import native_kernels, unavailable_reason
+from promptfleet.platform.native_kernels import native_kernels
 from promptfleet.platform.native_layers import NativeLayerNorm, NativeLinear
+from promptfleet.testing.skips import needs_native
 
-pytestmark = pytest.mark.skipif(unavailable_reason() is not None, reason=f"native kernel: {unavailable_reason()}")
+pytestmark = needs_native()  # why a skip is legitimate: promptfleet.testing.skips
 
 EXTREMES = torch.tensor([0.0, -0.0, 1e-6, -1e-6, 3.0, -3.0, 12.0, -12.0, 60.0, -60.0, 1e4, -1e4, 3e38, -3e38])
 

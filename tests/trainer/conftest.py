@@ -21,6 +21,7 @@ from promptfleet.db import session_scope
 from promptfleet.settings import Settings
 from promptfleet.tenants.service import create_tenant
 from promptfleet.testing import wait_for
+from promptfleet.testing.skips import missing
 
 REDIS_URL = "redis://127.0.0.1:6379/15"
 WORDS = ["apple", "river", "stone", "cloud", "seven", "green", "table", "north", "quiet", "lamp"]
@@ -92,7 +93,7 @@ def redis_url() -> str:
         client.ping()
     except redis.ConnectionError:
         if shutil.which("redis-server") is None:
-            pytest.skip("Redis is not running at 127.0.0.1:6379 and redis-server is not installed")
+            missing("Redis is not running at 127.0.0.1:6379 and redis-server is not installed")
         os.makedirs("/var/lib/redis", exist_ok=True)
         os.makedirs("/var/log/redis", exist_ok=True)
         subprocess.run(["redis-server", "--daemonize", "yes", "--bind", "127.0.0.1", "-::1", "--port", "6379",
@@ -105,7 +106,7 @@ def redis_url() -> str:
             except redis.ConnectionError:
                 time.sleep(0.1)
         else:
-            pytest.skip("could not start Redis")
+            missing("could not start Redis")
     client.flushdb()
     yield REDIS_URL
     client.flushdb()

@@ -71,3 +71,14 @@ def needs_native(dtype: torch.dtype = torch.float32) -> pytest.MarkDecorator:
 def needs_cuda() -> pytest.MarkDecorator:
     """Mark for GPU-only tests: skipped, with the reason, where no CUDA device is visible."""
     return pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU only: no CUDA device is visible")
+
+
+def require_native(dtype: torch.dtype = torch.float32) -> None:
+    """Inside a test: skip when the CPU cannot run the native ``dtype`` kernels; when it
+    can but they are unavailable, skip outside CI and fail under ``CI=true``."""
+    cpu = cpu_cannot_run_native(dtype)
+    if cpu is not None:
+        pytest.skip(f"CPU feature: {cpu}")
+    reason = native_unavailable(dtype)
+    if reason is not None:
+        missing(f"native {dtype_name(dtype)} kernels unavailable on a CPU that should run them: {reason}")
