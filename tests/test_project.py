@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import re
+import shlex
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import yaml
@@ -18,12 +20,64 @@ def _readme_commands() -> list[str]:
     return [b.strip() for b in blocks[:2]]
 
 
-def test_readme_has_demo_and_test_commands_and_ci_runs_the_test_one():
+STUB_PYTHON = """#!/bin/sh
+# a stand-in for python: creates venvs (linking itself in), records every other call
+if [ "$1" = "-m" ] && [ "$2" = "venv" ]; then
+  mkdir -p "$3/bin" && ln -sf "$STUB" "$3/bin/python" && echo "$3" >> "$VENVS"; exit 0
+fi
+printf '%s' "$0" >> "$RECORD"; for a in "$@"; do printf '\\t%s' "$a" >> "$RECORD"; done; echo >> "$RECORD"
+"""
+
+
+def _ci_run_with_stubs(tmp_path: Path) -> tuple[list[tuple[str, list[str]]], list[str]]:
+    """Run .ci/run with python, pg_isready and redis-cli replaced by stubs: the python calls
+    it made, in order, as (executable, argv), and the venvs it created."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    stub = bin_dir / "python"
+    stub.write_text(STUB_PYTHON)
+    for name in ("pg_isready", "redis-cli"):
+        (bin_dir / name).write_text("#!/bin/sh\nexit 0\n")
+    for f in bin_dir.iterdir():
+        f.chmod(0o755)
+    record, venvs = tmp_path / "calls", tmp_path / "venvs"
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "STUB": str(stub), "RECORD": str(record), "VENVS": str(venvs),
+           "TMPDIR": str(tmp_path), "HOME": str(tmp_path)}
+    done = subprocess.run(["bash", str(ROOT / ".ci" / "run")], env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    calls = [line.split("\t") for line in record.read_text().splitlines()]
+    return [(c[0], c[1:]) for c in calls], venvs.read_text().split()
+
+
+def test_ci_runs_exactly_the_readme_test_command_in_a_fresh_venv(tmp_path):
     demo, tests = _readme_commands()
-    assert "promptfleet demo" in demo and "\n" not in demo
-    assert "pytest" in tests and "\n" not in tests
-    ci = (ROOT / ".ci" / "run").read_text()
-    assert tests in ci.splitlines(), "the README's test command must be the one .ci/run calls"
+    assert "promptfleet demo" in demo and "\n" not in demo and "\n" not in tests
+    steps = [shlex.split(part) for part in tests.split("&&")]
+    calls, venvs = _ci_run_with_stubs(tmp_path)
+    assert [argv for _, argv in calls] == [step[1:] for step in steps]  # the same commands, in order
+    assert all(step[0] == "python" for step in steps)
+    assert len(venvs) == 1 and all(exe == f"{venvs[0]}/bin/python" for exe, _ in calls)  # inside the new venv
+    assert steps[-1][1:3] == ["-m", "pytest"]
+
+
+def test_readme_pip_lines_name_only_what_exists():
+    """Every install in the README's test command names a local project with extras it
+    declares, or one exact release of a package."""
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    _, tests = _readme_commands()
+    installs = [shlex.split(part) for part in tests.split("&&") if "pip" in part]
+    assert installs, tests
+    for argv in installs:
+        assert argv[:4] == ["python", "-m", "pip", "install"], argv
+        targets = [a for a in argv[4:] if not a.startswith("-")]
+        assert targets, argv
+        for target in targets:
+            local = re.fullmatch(r"(\.[^\[]*)(?:\[([\w,-]+)\])?", target)
+            if local:
+                assert (ROOT / local.group(1) / "pyproject.toml").is_file(), target
+                assert set((local.group(2) or "").split(",")) - {""} <= set(extras), (target, sorted(extras))
+            else:
+                assert re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*==[0-9][0-9A-Za-z.]*", target), target
 
 
 def test_compose_parses_and_names_every_setting():
