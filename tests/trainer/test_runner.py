@@ -40,7 +40,8 @@ def submit(session_factory, storage, tenants, tiny_checkpoint, jsonl):
             ds = create_dataset(s, storage=storage, tenant_id=tenant_id, data=data or jsonl(12), tokenizer=tok,
                                 limits=DatasetLimits())
             req = JobRequest(**{"adapter_name": "ad", "dataset_id": ds.id, "max_steps": 4, "batch_size": 4,
-                                "num_virtual_tokens": 4, "seed": 5, **request})
+                                "num_virtual_tokens": 4, "seed": 5, "learning_rate": 3e-2,
+                                **request})
             return submit_job(s, tenant_id=tenant_id, request=req, enqueue=lambda _id: None, max_active_jobs=10)
     return _submit
 

@@ -116,8 +116,10 @@ def _child_main(spec: dict[str, Any], isolation: Isolation, conn: Any, cancel: A
         wall = spec["wall_clock"]
         result = train_dataset(TrainConfig(**spec["config"]), spec["data"],
                                max_example_tokens=spec["max_example_tokens"],
+                               validation_data=spec["validation_data"],
                                on_total=lambda total: conn.send(("total", total)),
                                progress=lambda step, total, loss: conn.send(("progress", step, total, loss)),
+                               on_epoch=lambda entry: conn.send(("epoch", entry)),
                                should_cancel=cancel.is_set,
                                wall_clock=None if wall is None else WallClock(*wall))
         metrics = {**result.metrics, "isolation": {"pid": os.getpid(), "nice": min(thread_niceness()),
@@ -136,7 +138,9 @@ def _child_main(spec: dict[str, Any], isolation: Isolation, conn: Any, cancel: A
 
 def train_in_child(config: Any, data: bytes, *, max_example_tokens: int, isolation: Isolation,
                    on_total: Callable[[int], None], progress: Callable[[int, int, float], None],
-                   should_cancel: Callable[[], bool], wall_clock: Any = None, poll_s: float = 0.1) -> Any:
+                   should_cancel: Callable[[], bool], wall_clock: Any = None, poll_s: float = 0.1,
+                   validation_data: bytes | None = None,
+                   on_epoch: Callable[[dict[str, Any]], None] | None = None) -> Any:
     """``train_dataset`` in a child process; returns its ``TrainResult``.
 
     Raises what it would raise in-process: ``TrainingCancelled`` (``should_cancel()`` turned
@@ -150,6 +154,7 @@ def train_in_child(config: Any, data: bytes, *, max_example_tokens: int, isolati
     receiver, sender = mp.Pipe(duplex=False)
     cancel = mp.Event()
     spec = {"config": dataclasses.asdict(config), "data": data, "max_example_tokens": max_example_tokens,
+            "validation_data": validation_data,
             "wall_clock": None if wall_clock is None else (wall_clock.limit_s, wall_clock.started)}
     proc = mp.Process(target=_child_main, args=(spec, isolation, sender, cancel, logging.getLogger().level),
                       name="promptfleet-train", daemon=True)
@@ -171,6 +176,9 @@ def train_in_child(config: Any, data: bytes, *, max_example_tokens: int, isolati
                 on_total(*args)
             elif kind == "progress":
                 progress(*args)
+            elif kind == "epoch":
+                if on_epoch is not None:
+                    on_epoch(*args)
             elif kind == "done":
                 return TrainResult(adapter_config=args[0], safetensors_bytes=args[1], metrics=args[2])
             elif kind == "cancelled":

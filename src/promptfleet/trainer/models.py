@@ -18,7 +18,7 @@ from promptfleet.tenants.models import Tenant  # noqa: F401  (registers the "ten
 JOB_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
 ACTIVE_STATUSES = ("queued", "running")
 FINISHED_STATUSES = ("succeeded", "failed", "cancelled")
-METHODS = ("prompt_tuning", "prefix_tuning")
+METHODS = ("prompt_tuning", "p_tuning", "prefix_tuning")
 
 
 def new_id() -> str:

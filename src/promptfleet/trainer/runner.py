@@ -80,6 +80,7 @@ class JobMonitor:
         self.state = "ok"  # ok | cancel | lost
         self.step, self.total = 0, None
         self.losses: list[float] = []
+        self.epochs: list[dict[str, Any]] = []  # epoch 0: the zero-shot evaluation
 
     def start(self) -> "JobMonitor":
         self._thread.start()
@@ -95,6 +96,11 @@ class JobMonitor:
             self.step, self.total = step, total
             self.losses.append(loss)
 
+    def epoch(self, entry: dict[str, Any]) -> None:
+        """An epoch's (or the zero-shot) evaluation: published with the next heartbeat."""
+        with self._lock:
+            self.epochs.append(dict(entry))
+
     def set_total(self, total: int) -> None:
         """Publish the number of steps before the first one (one immediate heartbeat)."""
         with self._lock:
@@ -106,8 +112,15 @@ class JobMonitor:
 
     def metrics(self) -> dict[str, Any]:
         with self._lock:
-            losses = list(self.losses)
-        return {"loss": _downsample(losses), "initial_loss": losses[0]} if losses else {}
+            losses, epochs = list(self.losses), [dict(e) for e in self.epochs]
+        out: dict[str, Any] = {"loss": _downsample(losses), "initial_loss": losses[0]} if losses else {}
+        if epochs and epochs[0].get("epoch") == 0:
+            zero = epochs.pop(0)
+            zero.pop("epoch")
+            out["zero_shot"] = zero
+        if epochs:
+            out["epochs"] = epochs
+        return out
 
     def beat(self) -> None:
         with self._lock:
@@ -133,6 +146,14 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
+def _read_dataset(storage: Any, dataset_id: str, sha: str) -> bytes:
+    try:
+        return storage.get(sha)
+    except Exception as exc:
+        raise RuntimeError(f"dataset {dataset_id} could not be read from blob storage "
+                           f"(sha256 {sha[:12]}): {_describe(exc)}") from exc
+
+
 def _train(ctx: WorkerContext, claim: Claim, monitor: JobMonitor,
            wall_clock: WallClock | None) -> tuple[TrainResult, Any]:
     from promptfleet.platform.config import ModelConfig
@@ -145,28 +166,37 @@ def _train(ctx: WorkerContext, claim: Claim, monitor: JobMonitor,
         if dataset is None:
             raise LookupError(f"dataset {claim.dataset_id} no longer exists")
         sha = dataset.sha256
-    try:
-        data = storage.get(sha)
-    except Exception as exc:
-        raise RuntimeError(f"dataset {claim.dataset_id} could not be read from blob storage "
-                           f"(sha256 {sha[:12]}): {_describe(exc)}") from exc
+    data = _read_dataset(storage, claim.dataset_id, sha)
     p = claim.params
+    validation_data = None
+    if p.get("validation_dataset_id"):
+        with ctx.session_factory() as session:
+            validation = session.get(Dataset, p["validation_dataset_id"])
+            if validation is None:
+                raise LookupError(f"validation dataset {p['validation_dataset_id']} no longer exists")
+            validation_sha = validation.sha256
+        validation_data = _read_dataset(storage, p["validation_dataset_id"], validation_sha)
     nvt = int(p.get("num_virtual_tokens", 8))
     room = model_config.n_positions - nvt
     if room < 2:
         raise ValueError(f"num_virtual_tokens={nvt} leaves no room in the backbone's "
                          f"{model_config.n_positions} positions")
+    lr, patience = p.get("learning_rate"), p.get("early_stopping_patience")
+    fraction = p.get("validation_fraction")
     cfg = TrainConfig(model_path=model_path, method=claim.method, num_virtual_tokens=nvt,  # type: ignore[arg-type]
-                      epochs=int(p.get("epochs", 1)), learning_rate=float(p.get("learning_rate", 3e-2)),
+                      epochs=int(p.get("epochs", 1)), learning_rate=None if lr is None else float(lr),
                       batch_size=int(p.get("batch_size", 8)), max_steps=p.get("max_steps"),
                       seed=int(p.get("seed", 0)), init=p.get("init") or "random_vocab",
-                      init_text=p.get("init_text"), device=ctx.settings.device)
+                      init_text=p.get("init_text"), device=ctx.settings.device,
+                      validation_fraction=None if fraction is None else float(fraction),
+                      early_stopping_patience=None if patience is None else int(patience))
+    hooks = dict(on_total=monitor.set_total, progress=monitor.progress, on_epoch=monitor.epoch,
+                 should_cancel=monitor.should_stop, wall_clock=wall_clock)
     if ctx.isolation is not None:
-        result = train_in_child(cfg, data, max_example_tokens=room, isolation=ctx.isolation, on_total=monitor.set_total,
-                                progress=monitor.progress, should_cancel=monitor.should_stop, wall_clock=wall_clock)
+        result = train_in_child(cfg, data, max_example_tokens=room, isolation=ctx.isolation,
+                                validation_data=validation_data, **hooks)
     else:
-        result = train_dataset(cfg, data, max_example_tokens=room, on_total=monitor.set_total,
-                               progress=monitor.progress, should_cancel=monitor.should_stop, wall_clock=wall_clock)
+        result = train_dataset(cfg, data, max_example_tokens=room, validation_data=validation_data, **hooks)
     return result, model_config
 
 

@@ -172,13 +172,15 @@ def submit_job(session: Session, *, tenant_id: str, request: JobRequest, enqueue
                max_active_jobs: int = 2, budget: TrainingBudget = TrainingBudget()) -> TrainingJob:
     """Record a queued job, commit, then ``enqueue(job_id)`` (returns the Celery task id).
 
-    ``NotFound`` when the dataset is not the tenant's; ``TooManyJobs`` at the limit of
+    ``NotFound`` when the dataset (or the validation dataset) is not the tenant's; ``TooManyJobs`` at the limit of
     queued + running jobs; ``TrainingBudgetExceeded`` over an example-pass budget;
     ``EnqueueError`` (job marked failed) when the broker refuses.
     """
     if not lock_tenant(session, tenant_id=tenant_id):  # one submission of a tenant at a time
         raise NotFound(f"tenant {tenant_id!r} not found")
     dataset = get_dataset(session, tenant_id=tenant_id, dataset_id=request.dataset_id)
+    if request.validation_dataset_id is not None:
+        get_dataset(session, tenant_id=tenant_id, dataset_id=request.validation_dataset_id)
     active = count_active_jobs(session, tenant_id=tenant_id)
     if active >= max_active_jobs:
         raise TooManyJobs(f"tenant has {active} queued or running jobs (limit {max_active_jobs}); "

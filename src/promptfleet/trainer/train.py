@@ -1,13 +1,20 @@
-"""The training loop: PEFT prompt tuning or prefix tuning on the serving backbone.
+"""The training loop: PEFT prompt tuning, P-tuning or prefix tuning on the serving backbone.
 
 A plain function with a dataclass config; the Celery task wraps it. The backbone is the
-SAME Hugging Face checkpoint directory the server loads, so the adapter it returns (the
-two files PEFT's ``save_pretrained`` writes) serves exactly as it trained.
+SAME checkpoint the server loads (a Hugging Face directory, a ``.gguf`` file or a bundled
+name; see ``backbone.py``), so the adapter it returns (the two files PEFT's
+``save_pretrained`` writes) serves exactly as it trained.
 
 Loss is on completion tokens only: labels are -100 for prompt tokens and padding (PEFT
 adds -100 for the virtual tokens). Same seed, same data, same device -> bit-identical
 adapter bytes: ``torch.manual_seed`` before the adapter is built and before each step
 (dropout), and a seeded ``torch.Generator`` for the data order.
+
+With validation examples, the base model's zero-shot validation loss and exact-match
+accuracy are measured before training and the adapter's after every epoch
+(``evaluate.py``); ``metrics["epochs"]`` holds one entry per epoch, and
+``early_stopping_patience`` stops after that many epochs without a lower validation loss,
+exporting the best epoch's adapter.
 """
 from __future__ import annotations
 
@@ -19,21 +26,23 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
-from peft import PeftModel, PrefixTuningConfig, PromptTuningConfig, PromptTuningInit, TaskType, get_peft_model
-from transformers import GPT2LMHeadModel
+from peft import PeftModel
 
+from promptfleet.trainer.backbone import eos_id, load_backbone, load_tokenizer
 from promptfleet.trainer.datasets import Example
+from promptfleet.trainer.evaluate import Evaluation, evaluate
+from promptfleet.trainer.methods import (DEFAULT_BATCH_SIZE, DEFAULT_EPOCHS, DEFAULT_NUM_VIRTUAL_TOKENS, Init,
+                                         Method, default_learning_rate, wrap)
 
 log = logging.getLogger(__name__)
 
-Method = Literal["prompt_tuning", "prefix_tuning"]
-Init = Literal["text", "random_vocab", "random"]
-_INITS = {"text": PromptTuningInit.TEXT, "random_vocab": PromptTuningInit.SAMPLE_VOCAB,
-          "random": PromptTuningInit.RANDOM}
 MAX_LOSS_POINTS = 1000
+MAX_EVAL_EXAMPLES = 256
+AUTO_VALIDATION_FRACTION = 0.1
+AUTO_VALIDATION_MIN_EXAMPLES = 20
 
 
 class TrainingCancelled(Exception):
@@ -63,18 +72,35 @@ class WallClock:
 
 @dataclass(frozen=True)
 class TrainConfig:
+    """One training run. ``learning_rate`` None: the method's default (``methods.py``);
+    ``init`` None: ``text`` when ``init_text`` is given, else ``random_vocab``;
+    ``validation_fraction`` None: 0.1 of a dataset of at least 20 examples, else none (used
+    by ``train_dataset``; ``train`` takes its validation examples explicitly)."""
+
     model_path: str
     method: Method = "prompt_tuning"
-    num_virtual_tokens: int = 8
-    epochs: int = 1
-    learning_rate: float = 3e-2
-    batch_size: int = 8
+    num_virtual_tokens: int = DEFAULT_NUM_VIRTUAL_TOKENS
+    epochs: int = DEFAULT_EPOCHS
+    learning_rate: float | None = None
+    batch_size: int = DEFAULT_BATCH_SIZE
     max_steps: int | None = None
     seed: int = 0
-    init: Init = "random_vocab"
+    init: Init | None = None
     init_text: str | None = None
     device: str = "cpu"
     weight_decay: float = 0.0
+    validation_fraction: float | None = None
+    early_stopping_patience: int | None = None
+    max_eval_examples: int = MAX_EVAL_EXAMPLES
+    encoder_hidden_size: int | None = None  # p_tuning's MLP width (PEFT default: the model width)
+
+    @property
+    def lr(self) -> float:
+        return self.learning_rate if self.learning_rate is not None else default_learning_rate(self.method)
+
+    @property
+    def resolved_init(self) -> str:
+        return self.init or ("text" if self.init_text else "random_vocab")
 
 
 @dataclass
@@ -90,29 +116,31 @@ def total_steps(num_examples: int, *, epochs: int, batch_size: int, max_steps: i
     return min(steps, max_steps) if max_steps else steps
 
 
-def peft_config(cfg: TrainConfig) -> PromptTuningConfig | PrefixTuningConfig:
-    if cfg.method == "prefix_tuning":
-        return PrefixTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=cfg.num_virtual_tokens)
-    if cfg.method != "prompt_tuning":
-        raise ValueError(f"unknown method {cfg.method!r}")
-    if cfg.init not in _INITS:
-        raise ValueError(f"unknown init {cfg.init!r}; use one of {sorted(_INITS)}")
-    if cfg.init == "text":
-        if not cfg.init_text:
-            raise ValueError("init='text' needs a non-empty init_text")
-        return PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=cfg.num_virtual_tokens,
-                                  prompt_tuning_init=PromptTuningInit.TEXT, prompt_tuning_init_text=cfg.init_text,
-                                  tokenizer_name_or_path=str(cfg.model_path))
-    return PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=cfg.num_virtual_tokens,
-                              prompt_tuning_init=_INITS[cfg.init])
-
-
-def build_model(cfg: TrainConfig) -> PeftModel:
-    """The backbone from ``model_path`` (float32, frozen) wrapped with a fresh adapter."""
-    base = GPT2LMHeadModel.from_pretrained(cfg.model_path, dtype=torch.float32)
-    torch.manual_seed(cfg.seed)  # random / sampled-vocabulary initialisation
-    model = get_peft_model(base, peft_config(cfg))
+def build_model(cfg: TrainConfig, *, base: Any = None, tokenizer: Any = None) -> PeftModel:
+    """The backbone of ``model_path`` (float32, frozen) wrapped with a fresh adapter."""
+    base = base if base is not None else load_backbone(cfg.model_path)
+    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg.model_path)
+    model = wrap(base, cfg.method, num_virtual_tokens=cfg.num_virtual_tokens, init=cfg.resolved_init,
+                 init_text=cfg.init_text, tokenizer=tokenizer, seed=cfg.seed,
+                 encoder_hidden_size=cfg.encoder_hidden_size)
     return model.to(cfg.device)
+
+
+def split_validation(examples: Sequence[Example], fraction: float | None, *,
+                     seed: int) -> tuple[list[Example], list[Example]]:
+    """``(train, validation)``: a seeded random ``fraction`` held out (None: 0.1 of a dataset
+    of at least 20 examples, else nothing). At least one example stays on each side."""
+    examples = list(examples)
+    if fraction is None:
+        fraction = AUTO_VALIDATION_FRACTION if len(examples) >= AUTO_VALIDATION_MIN_EXAMPLES else 0.0
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"validation_fraction must be in [0, 1), got {fraction}")
+    if fraction == 0.0 or len(examples) < 2:
+        return examples, []
+    k = min(len(examples) - 1, max(1, round(fraction * len(examples))))
+    perm = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed + 7919)).tolist()
+    held = set(perm[:k])
+    return ([e for i, e in enumerate(examples) if i not in held], [examples[i] for i in sorted(held)])
 
 
 def collate(examples: Sequence[Example], *, pad_id: int) -> dict[str, torch.Tensor]:
@@ -159,8 +187,21 @@ def _downsample(losses: list[float], limit: int = MAX_LOSS_POINTS) -> list[float
     return [round(sum(chunk) / len(chunk), 6) for chunk in (losses[i:i + every] for i in range(0, len(losses), every))]
 
 
-def train(cfg: TrainConfig, examples: Sequence[Example], *,
+def _pad_id(config: Any) -> int:
+    """Padding for right-padded batches (masked, so any id works): the model's EOS."""
+    eos = getattr(config, "eos_token_id", None)
+    if isinstance(eos, (list, tuple)):
+        eos = eos[0] if eos else None
+    return 0 if eos is None else int(eos)
+
+
+def _eval_entry(ev: Evaluation) -> dict[str, float]:
+    return {"val_loss": round(ev.loss, 6), "val_accuracy": round(ev.accuracy, 6)}
+
+
+def train(cfg: TrainConfig, examples: Sequence[Example], *, validation: Sequence[Example] = (),
           progress: Callable[[int, int, float], None] | None = None,
+          on_epoch: Callable[[dict[str, Any]], None] | None = None,
           should_cancel: Callable[[], bool] | None = None,
           wall_clock: WallClock | None = None,
           keep_model: bool = False) -> TrainResult:
@@ -169,21 +210,53 @@ def train(cfg: TrainConfig, examples: Sequence[Example], *,
 
     ``metrics``: ``loss`` (per step, or interval means past 1000 steps), ``initial_loss``
     (first step), ``final_loss`` (mean of the last ``min(10, ceil(steps/10))`` steps),
-    ``examples_per_s`` and ``tokens_per_s`` (real prompt+completion tokens, training steps only).
+    ``examples_per_s`` and ``tokens_per_s`` (real prompt+completion tokens, training steps
+    only), ``epochs`` (per epoch: ``train_loss``, and with ``validation``: ``val_loss`` and
+    ``val_accuracy``), and with ``validation``: ``zero_shot`` (the base model's), ``best_epoch``
+    and ``stopped_early``. ``on_epoch`` gets each epoch's entry (the zero-shot one as epoch 0).
     """
     if not examples:
         raise ValueError("no training examples")
     steps = total_steps(len(examples), epochs=cfg.epochs, batch_size=cfg.batch_size, max_steps=cfg.max_steps)
-    model = build_model(cfg)
-    pad_id = model.base_model.config.eos_token_id
-    pad_id = 0 if pad_id is None else int(pad_id)
+    per_epoch = math.ceil(len(examples) / cfg.batch_size)
+    validation = list(validation)[:cfg.max_eval_examples]
+    base = load_backbone(cfg.model_path, device=cfg.device)
+    pad_id = _pad_id(base.config)
+    # the tokenizer only when something needs it (seconds on a first load, inside the wall clock)
+    needs_tokenizer = bool(validation) or (cfg.method == "prompt_tuning" and cfg.resolved_init == "text")
+    tokenizer = load_tokenizer(cfg.model_path) if needs_tokenizer else None
+    eos = eos_id(tokenizer) if tokenizer is not None else pad_id
+    metrics: dict[str, Any] = {"epochs": []}
+    eval_seconds = 0.0
+
+    def run_eval(model: Any) -> Evaluation:
+        nonlocal eval_seconds
+        t0 = time.perf_counter()
+        ev = evaluate(model, validation, tokenizer=tokenizer, eos_id=eos, pad_id=pad_id)
+        eval_seconds += time.perf_counter() - t0
+        return ev
+
+    if validation:
+        zero = run_eval(base)
+        metrics["zero_shot"] = _eval_entry(zero)
+        metrics["validation_examples"] = len(validation)
+        if on_epoch is not None:
+            on_epoch({"epoch": 0, **metrics["zero_shot"]})
+        log.info("zero-shot: validation loss %.4f, accuracy %.3f (%d examples)", zero.loss, zero.accuracy,
+                 len(validation))
+    model = wrap(base, cfg.method, num_virtual_tokens=cfg.num_virtual_tokens, init=cfg.resolved_init,
+                 init_text=cfg.init_text, tokenizer=tokenizer, seed=cfg.seed,
+                 encoder_hidden_size=cfg.encoder_hidden_size).to(cfg.device)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     order = batch_order(len(examples), batch_size=cfg.batch_size, steps=steps, seed=cfg.seed)
     model.train()
     losses: list[float] = []
     n_examples = n_tokens = 0
     train_time = 0.0
+    best: tuple[float, int, dict[str, torch.Tensor]] | None = None
+    stale_epochs = 0
+    stopped_early = False
     for step, indices in enumerate(order, start=1):
         t0 = time.perf_counter()  # the whole step: our batching, callbacks and all
         if should_cancel is not None and should_cancel():
@@ -206,38 +279,81 @@ def train(cfg: TrainConfig, examples: Sequence[Example], *,
         if progress is not None:
             progress(step, steps, value)
         train_time += time.perf_counter() - t0
-    window = min(10, max(1, math.ceil(steps / 10)))
-    metrics = {
+        if step % per_epoch and step != steps:
+            continue
+        # the end of an epoch (or of a last, partial one)
+        epoch = len(metrics["epochs"]) + 1
+        epoch_losses = losses[(epoch - 1) * per_epoch:]
+        entry: dict[str, Any] = {"epoch": epoch, "step": step,
+                                 "train_loss": round(sum(epoch_losses) / len(epoch_losses), 6)}
+        if validation:
+            ev = run_eval(model)
+            entry.update(_eval_entry(ev))
+            if best is None or ev.loss < best[0]:
+                best = (ev.loss, epoch, {k: v.detach().clone() for k, v in model.named_parameters()
+                                         if v.requires_grad})
+                stale_epochs = 0
+            else:
+                stale_epochs += 1
+        metrics["epochs"].append(entry)
+        if on_epoch is not None:
+            on_epoch(entry)
+        log.info("epoch %d: %s", epoch, ", ".join(f"{k} {v}" for k, v in entry.items() if k != "epoch"))
+        if cfg.early_stopping_patience and stale_epochs >= cfg.early_stopping_patience and step != steps:
+            stopped_early = True
+            log.info("early stop after epoch %d: no lower validation loss for %d epochs", epoch, stale_epochs)
+            break
+    done = len(losses)
+    if validation:
+        metrics["best_epoch"] = best[1] if best else None
+        metrics["stopped_early"] = stopped_early
+        metrics["eval_seconds"] = eval_seconds
+        if cfg.early_stopping_patience and best is not None:  # export the best epoch's adapter
+            with torch.no_grad():
+                named = dict(model.named_parameters())
+                for k, v in best[2].items():
+                    named[k].copy_(v)
+    window = min(10, max(1, math.ceil(done / 10)))
+    metrics.update({
         "loss": _downsample(losses),
         "initial_loss": losses[0],
         "final_loss": sum(losses[-window:]) / window,
-        "steps": steps,
+        "steps": done,
         "examples": n_examples,
         "tokens": n_tokens,
         "train_seconds": train_time,
         "examples_per_s": n_examples / train_time if train_time > 0 else 0.0,
         "tokens_per_s": n_tokens / train_time if train_time > 0 else 0.0,
-    }
+        "learning_rate": cfg.lr,
+    })
     model.eval()
     config, data = export_adapter(model)
-    log.info("trained %s adapter: %d steps, loss %.4f -> %.4f, %.1f examples/s", cfg.method, steps,
+    log.info("trained %s adapter: %d steps, loss %.4f -> %.4f, %.1f examples/s", cfg.method, done,
              metrics["initial_loss"], metrics["final_loss"], metrics["examples_per_s"])
     return TrainResult(adapter_config=config, safetensors_bytes=data, metrics=metrics,
                        model=model if keep_model else None)
 
 
 def train_dataset(cfg: TrainConfig, data: bytes, *, max_example_tokens: int,
+                  validation_data: bytes | None = None,
                   on_total: Callable[[int], None] | None = None,
                   progress: Callable[[int, int, float], None] | None = None,
+                  on_epoch: Callable[[dict[str, Any]], None] | None = None,
                   should_cancel: Callable[[], bool] | None = None,
                   wall_clock: WallClock | None = None) -> TrainResult:
-    """Parse a JSONL dataset with the backbone's tokenizer, announce the number of steps
+    """Parse a JSONL dataset with the backbone's tokenizer, hold out its validation split
+    (or parse ``validation_data``, a second dataset), announce the number of steps
     (``on_total``), and train: what a job runs, in the worker or in its training process."""
-    from promptfleet.platform.tokenizer import load_tokenizer
     from promptfleet.trainer.datasets import parse_dataset
 
-    examples = parse_dataset(data, tokenizer=load_tokenizer(cfg.model_path), max_example_tokens=max_example_tokens,
-                             max_examples=10**9)
+    tokenizer = load_tokenizer(cfg.model_path)
+    examples = parse_dataset(data, tokenizer=tokenizer, max_example_tokens=max_example_tokens, max_examples=10**9)
+    if validation_data is not None:
+        validation = parse_dataset(validation_data, tokenizer=tokenizer, max_example_tokens=max_example_tokens,
+                                   max_examples=10**9)
+    else:
+        examples, validation = split_validation(examples, cfg.validation_fraction, seed=cfg.seed)
     if on_total is not None:
         on_total(total_steps(len(examples), epochs=cfg.epochs, batch_size=cfg.batch_size, max_steps=cfg.max_steps))
-    return train(cfg, examples, progress=progress, should_cancel=should_cancel, wall_clock=wall_clock)
+    return train(cfg, examples, validation=validation, progress=progress, on_epoch=on_epoch,
+                 should_cancel=should_cancel, wall_clock=wall_clock)

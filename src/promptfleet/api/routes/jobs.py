@@ -30,8 +30,9 @@ def job_out(job: TrainingJob) -> JobOut:
 @router.post("", status_code=202, response_model=JobCreated,
              responses=error_responses(400, 401, 403, 404, 413, 422, 429, 503))
 def create_job(body: JobRequest, tenant: LimitedTenantDep, state: StateDep, session: SessionDep) -> JSONResponse:
-    if not plausible_id(body.dataset_id):
-        raise not_found(f"dataset {body.dataset_id!r} not found", code="dataset_not_found")
+    for dataset_id in (body.dataset_id, body.validation_dataset_id):
+        if dataset_id is not None and not plausible_id(dataset_id):
+            raise not_found(f"dataset {dataset_id!r} not found", code="dataset_not_found")
     settings = state.settings
     budget = TrainingBudget(per_job=settings.job_max_train_examples,
                             per_tenant_day=settings.tenant_train_examples_per_day)

@@ -1,0 +1,178 @@
+"""Validation: loss and exact-match accuracy of greedy completions, with or without an adapter.
+
+Greedy decoding is our own batched loop with a KV cache on the base module, NOT
+``PeftModel.generate``: with peft 0.21 its cached path re-feeds the virtual tokens at
+every step for prompt learning, and even ``use_cache=False`` grows a prefix-tuning cache
+across steps on a Llama. The loop lays a batch out the way PEFT's own forward does
+(virtual tokens, then the prompt; for prefix tuning the prefix K/V, then the prompt),
+left-pads the prompts behind the virtual tokens with masked padding, gives every real
+token the position PEFT gives it (``n_virtual`` + its index in its own prompt), and then
+decodes one token per step on the cache. Tests hold it equal to PEFT's full forward,
+token for token.
+
+Exact match compares the completion up to EOS with the reference, both with whitespace
+collapsed and lower-cased; when the reference holds no newline the completion is also cut
+at its first newline (the stop string a client would pass), so a base model that answers
+right and then runs on is not scored wrong for the run-on. Decoding is bounded at the
+reference's length (EOS included) plus ``extra_tokens``.
+"""
+from __future__ import annotations
+
+import inspect
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from promptfleet.trainer.datasets import Example
+
+log = logging.getLogger(__name__)
+
+EVAL_BATCH_SIZE = 16
+EXTRA_TOKENS = 3
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    loss: float            # mean cross-entropy per completion token (EOS included)
+    accuracy: float        # exact-match fraction
+    examples: int
+    completions: list[str]  # the greedy completions, in example order (normalisation not applied)
+
+
+def normalize(text: str) -> str:
+    return " ".join(text.split()).lower()
+
+
+def exact_match(completion: str, reference: str) -> bool:
+    if "\n" not in reference.strip():
+        completion = completion.lstrip().split("\n", 1)[0]
+    return normalize(completion) == normalize(reference)
+
+
+def _method(model: Any) -> str | None:
+    """``prompt``, ``prefix`` or None (no adapter) for a base module or a ``PeftModel``."""
+    config = getattr(model, "active_peft_config", None)
+    if config is None:
+        return None
+    kind = str(getattr(config.peft_type, "value", config.peft_type))
+    return "prefix" if kind == "PREFIX_TUNING" else "prompt"
+
+
+def _base(model: Any) -> Any:
+    return model.get_base_model() if _method(model) is not None else model
+
+
+def _cache_kwarg(base: Any) -> str:
+    """transformers 5.2x calls the KV-cache argument ``cache`` (``past_key_values`` is deprecated)."""
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+
+
+def _out_cache(out: Any) -> Any:
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
+
+
+def _n_virtual(model: Any) -> int:
+    return int(model.active_peft_config.num_virtual_tokens) if _method(model) is not None else 0
+
+
+@torch.no_grad()
+def greedy_batch(model: Any, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, eos_id: int,
+                 pad_id: int) -> list[list[int]]:
+    """Greedy completions of ``prompts`` (token ids) under ``model`` (a base module or a
+    prompt-learning ``PeftModel``); each stops after its EOS or ``max_new_tokens``."""
+    method, base, n = _method(model), _base(model), _n_virtual(model)
+    device = next(base.parameters()).device
+    rows, width = len(prompts), max(1, max(len(p) for p in prompts))
+    ids = torch.full((rows, width), pad_id, dtype=torch.long, device=device)
+    mask = torch.zeros((rows, width), dtype=torch.long, device=device)
+    for r, p in enumerate(prompts):
+        if p:
+            ids[r, width - len(p):] = torch.tensor(list(p), dtype=torch.long)
+            mask[r, width - len(p):] = 1
+    full_mask = torch.cat([torch.ones((rows, n), dtype=torch.long, device=device), mask], dim=1)
+    positions = (full_mask.cumsum(1) - 1).clamp(min=0)
+    cache_kw = _cache_kwarg(base)
+    kwargs: dict[str, Any] = {"use_cache": True, "logits_to_keep": 1}
+    if method == "prompt":
+        embeds = base.get_input_embeddings()(ids)
+        virtual = model.get_prompt(batch_size=rows).to(embeds.dtype)
+        kwargs["inputs_embeds"] = torch.cat([virtual, embeds], dim=1)
+        step_positions = positions
+    elif method == "prefix":
+        kwargs["input_ids"] = ids
+        kwargs[cache_kw] = model.get_prompt(batch_size=rows)
+        step_positions = positions[:, n:]
+    else:
+        kwargs["input_ids"] = ids
+        step_positions = positions
+    # an empty prompt: the first token is predicted from the last virtual token (or from nothing)
+    out = base(attention_mask=full_mask, position_ids=step_positions, **kwargs)
+    cache, logits = _out_cache(out), out.logits[:, -1]
+    next_pos = full_mask.sum(1, keepdim=True)  # n_virtual + own prompt length
+    done = torch.zeros(rows, dtype=torch.bool, device=device)
+    tokens: list[list[int]] = [[] for _ in range(rows)]
+    for step in range(max_new_tokens):
+        token = logits.argmax(-1)
+        for r in range(rows):
+            if not done[r]:
+                tokens[r].append(int(token[r]))
+        done |= token == eos_id
+        if bool(done.all()) or step == max_new_tokens - 1:
+            break
+        full_mask = torch.cat([full_mask, torch.ones((rows, 1), dtype=torch.long, device=device)], dim=1)
+        out = base(input_ids=token[:, None], attention_mask=full_mask, position_ids=next_pos,
+                   use_cache=True, logits_to_keep=1, **{cache_kw: cache})
+        cache, logits = _out_cache(out), out.logits[:, -1]
+        next_pos = next_pos + 1
+    return tokens
+
+
+@torch.no_grad()
+def completion_loss(model: Any, examples: Sequence[Example], *, pad_id: int,
+                    batch_size: int = EVAL_BATCH_SIZE) -> float:
+    """Mean cross-entropy per completion token, teacher-forced, as training computes it."""
+    from promptfleet.trainer.train import collate
+
+    device = next(_base(model).parameters()).device
+    total, count = 0.0, 0
+    for start in range(0, len(examples), batch_size):
+        batch = {k: v.to(device) for k, v in collate(examples[start:start + batch_size], pad_id=pad_id).items()}
+        labels = batch.pop("labels")
+        logits = model(**batch).logits[:, -labels.shape[1]:]  # drop the virtual tokens' positions
+        shift_logits, shift_labels = logits[:, :-1].float(), labels[:, 1:]
+        loss = torch.nn.functional.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]),
+                                                 shift_labels.reshape(-1), ignore_index=-100, reduction="sum")
+        total += float(loss)
+        count += int((shift_labels != -100).sum())
+    return total / max(count, 1)
+
+
+def evaluate(model: Any, examples: Sequence[Example], *, tokenizer: Any, eos_id: int, pad_id: int,
+             batch_size: int = EVAL_BATCH_SIZE, extra_tokens: int = EXTRA_TOKENS) -> Evaluation:
+    """Validation loss and greedy exact-match accuracy of ``model`` on ``examples``."""
+    was_training = model.training
+    model.eval()
+    try:
+        loss = completion_loss(model, examples, pad_id=pad_id, batch_size=batch_size)
+        # similar lengths together: less padding, and each batch decodes only as long as it needs
+        order = sorted(range(len(examples)), key=lambda i: (len(examples[i].completion_ids),
+                                                             len(examples[i].prompt_ids)))
+        completions: list[str] = [""] * len(examples)
+        for start in range(0, len(order), batch_size):
+            chunk = order[start:start + batch_size]
+            budget = max(len(examples[i].completion_ids) for i in chunk) + extra_tokens
+            tokens = greedy_batch(model, [examples[i].prompt_ids for i in chunk], max_new_tokens=budget,
+                                  eos_id=eos_id, pad_id=pad_id)
+            for i, toks in zip(chunk, tokens):
+                text_ids = toks[:-1] if toks and toks[-1] == eos_id else toks
+                completions[i] = tokenizer.decode(text_ids, skip_special_tokens=True)
+        hits = sum(exact_match(c, e.completion) for c, e in zip(completions, examples))
+    finally:
+        model.train(was_training)
+    accuracy = hits / len(examples) if examples else math.nan
+    return Evaluation(loss=loss, accuracy=accuracy, examples=len(examples), completions=completions)
