@@ -1,7 +1,8 @@
 """Per-request failure isolation: a request whose row goes non-finite, or whose step
 raises, fails alone; every other request in the batch gets exactly the tokens it gets
 when it runs alone, and a slot a failed request poisoned is clean for its next owner.
-Run on every linear/attention backend this machine has."""
+Run on every linear/attention backend this machine has, and on a Llama on the default
+(native where they run) kernels."""
 from __future__ import annotations
 
 import asyncio
@@ -14,9 +15,11 @@ import torch
 from promptfleet.platform.adapter import AdapterPrefix, load_adapter_dir
 from promptfleet.platform.config import EngineConfig
 from promptfleet.platform.engine import Engine, RequestFailedError
+from promptfleet.platform.random_checkpoint import make_random_llama_checkpoint
 from promptfleet.platform.sampling import SamplingParams
+from promptfleet.testing import make_peft_adapter
 
-BACKENDS = [("auto", "auto"), ("onednn", "sdpa"), ("torch", "sdpa")]
+BACKENDS = [("auto", "auto"), ("onednn", "sdpa"), ("torch", "sdpa"), ("llama", "auto")]
 POISON = 60  # the position whose embedding is NaN: only the victim ever reaches it
 
 
@@ -32,13 +35,28 @@ def _params(i: int, max_tokens: int) -> SamplingParams:
     return SamplingParams(max_tokens=max_tokens, temperature=0.0, detect_repetition=False)
 
 
+@pytest.fixture(scope="module")
+def llama_setup(tmp_path_factory):
+    """A small random Llama (grouped-query, head_dim 32) and PEFT adapters made on it."""
+    root = tmp_path_factory.mktemp("isolation-llama")
+    base = make_random_llama_checkpoint(root / "base", shape="llama-small-test", seed=31, scale=6.0)
+    specs = {"pt_a": ("prompt_tuning", 7, 1), "prefix": ("prefix_tuning", 6, 4), "ptune": ("p_tuning", 5, 3)}
+    return base, {name: make_peft_adapter(base, root / name, m, n, s) for name, (m, n, s) in specs.items()}
+
+
 @pytest.fixture(params=BACKENDS, ids=lambda b: f"{b[0]}-{b[1]}")
 def engine(request, small_checkpoint, peft_adapters):
     linear, attention = request.param
-    eng = Engine.from_pretrained(small_checkpoint, EngineConfig(max_batch_size=16, linear_kernels=linear,
-                                                                attention=attention))
+    adapters = peft_adapters
+    if linear == "llama":
+        checkpoint, adapters = request.getfixturevalue("llama_setup")
+        linear = "auto"
+    else:
+        checkpoint = small_checkpoint
+    eng = Engine.from_pretrained(checkpoint, EngineConfig(max_batch_size=16, linear_kernels=linear,
+                                                          attention=attention))
     for name in ("pt_a", "prefix", "ptune"):
-        eng.add_adapter(name, load_adapter_dir(peft_adapters[name]))
+        eng.add_adapter(name, load_adapter_dir(adapters[name]))
     yield eng
     eng.stop()
 
@@ -66,6 +84,8 @@ async def _together(engine: Engine, reqs, victim=None):
 
 
 async def test_row_going_non_finite_mid_batch_fails_alone(engine):
+    if not hasattr(engine.model, "wpe"):
+        pytest.skip("the poison is a position embedding; a Llama has none (RoPE)")
     short = (_ids(7, 6), None, _params(0, 30))
     long = (_ids(8, 70), "pt_a", _params(2, 30))
     want = await _alone(engine, [short, long])  # before any slot is poisoned
@@ -93,14 +113,15 @@ async def test_row_going_non_finite_mid_batch_fails_alone(engine):
 
 
 def _fault_when(engine: Engine, bad) -> None:
-    """Make the model's forward raise (with internal text) whenever ``bad(ids, positions)``."""
-    forward = engine.model.forward
+    """Make the step's forward (the runner's: the module forward or a decode replay) raise
+    (with internal text) whenever ``bad(ids, positions)``."""
+    forward = engine.runner.forward
 
-    def faulty(input_ids, positions, ctx, inputs_embeds=None):
-        if input_ids is not None and bad(input_ids, positions):
+    def faulty(batch):
+        if bad(batch.ids, batch.positions):
             raise RuntimeError("secret internal detail 0xdeadbeef")
-        return forward(input_ids, positions, ctx, inputs_embeds=inputs_embeds)
-    engine.model.forward = faulty
+        return forward(batch)
+    engine.runner.forward = faulty
 
 
 @pytest.mark.parametrize("trigger", ["newest-admission", "old-sequence"])

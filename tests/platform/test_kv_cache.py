@@ -99,3 +99,42 @@ def test_resolve_attention_refuses_what_cannot_run_here():
         resolve_attention("avx512", cpu, torch.float32, 8)
     with pytest.raises(ValueError, match="unknown attention backend 'fast'"):
         resolve_attention("fast", cpu, torch.float32, 64)
+
+
+@pytest.mark.parametrize("backend, pad", [("sdpa", 1), ("flash", 512)])
+@pytest.mark.parametrize("budget_tokens, max_slots, want_slots", [(10_000, 64, 9), (100_000, 64, 64), (500, 8, 1)])
+def test_cache_allocates_within_its_budget(backend, pad, budget_tokens, max_slots, want_slots):
+    """Slots of max_len (+ pad) positions, as many as the budget holds (flash-attn's margin
+    for padded prompt tokens counted), and one shorter slot when it holds less than one."""
+    cfg = ModelConfig(n_layer=2, n_head=4, n_embd=64, n_positions=1024)
+    per_token = 2 * 2 * 64 * 4
+    budget = budget_tokens * per_token
+    cache = SlotKVCache.for_budget(cfg, budget_bytes=budget, max_slots=max_slots, max_len=1024,
+                                   device=torch.device("meta"), dtype=torch.float32, backend=backend,
+                                   prefill_pad=pad)
+    assert cache.bytes_per_token == per_token
+    assert cache.allocated_bytes <= budget
+    if budget_tokens >= 1024 + pad:
+        assert (cache.max_slots, cache.max_len) == (min(max_slots, budget_tokens // (1024 + pad)), 1024)
+    else:
+        assert cache.max_slots == 1 and budget_tokens // 2 <= cache.max_len < budget_tokens
+    with pytest.raises(ValueError, match="holds no sequence"):
+        SlotKVCache.for_budget(cfg, budget_bytes=per_token, max_slots=4, max_len=1024, device=torch.device("meta"),
+                               dtype=torch.float32, backend="sdpa")
+
+
+@AVX512
+def test_native_decode_attention_shares_kv_heads():
+    """The slot cache's native decode path under grouped-query attention (9 query heads,
+    3 KV heads, head_dim 64: SmolLM2's) equals SDPA's."""
+    cfg = ModelConfig(family="llama", n_layer=1, n_head=9, n_kv_head=3, n_embd=576, n_positions=64)
+    gen = torch.Generator().manual_seed(7)
+    caches = [SlotKVCache(cfg, max_slots=3, max_len=40, device=torch.device("cpu"), dtype=torch.float32,
+                          backend=b) for b in ("sdpa", "avx512")]
+    warm_q, warm_kv = torch.randn(3, 9, 9, 64, generator=gen), torch.randn(3, 9, 3, 64, generator=gen)
+    for cache in caches:
+        SlotBatch(cache, 0, [0, 0, 0], [9, 5, 7], 9).attend(0, warm_q, warm_kv, warm_kv)
+    q, k, v = (torch.randn(3, 1, h, 64, generator=gen) for h in (9, 3, 3))
+    outs = [SlotBatch(c, 0, [9, 5, 7], [1, 1, 1], 1).attend(0, q, k, v) for c in caches]
+    assert caches[1].decode_kernels is not None
+    assert (outs[0] - outs[1]).abs().max() < 1e-5

@@ -20,6 +20,7 @@ from promptfleet.platform.kv_cache import SlotBatch, SlotKVCache, resolve_attent
 from promptfleet.platform.linear_kernels import onednn_linear_available, resolve_kernels
 from promptfleet.platform.llama import Llama, rope_inv_freq
 from promptfleet.platform.model import DenseCache
+from promptfleet.platform.native_kernels import unavailable_for
 from promptfleet.platform.random_checkpoint import make_random_llama_checkpoint
 from promptfleet.platform.sampling import SamplingParams
 from promptfleet.platform.weights import load_llama, load_model, resolve_checkpoint
@@ -28,7 +29,9 @@ log = logging.getLogger(__name__)
 
 ONEDNN = pytest.param("onednn", marks=pytest.mark.skipif(
     not onednn_linear_available(torch.device("cpu"), torch.float32), reason="this torch has no oneDNN"))
-KERNELS = ["torch", ONEDNN]
+_NATIVE = unavailable_for(torch.device("cpu"), torch.float32)
+AVX512 = pytest.param("avx512", marks=pytest.mark.skipif(_NATIVE is not None, reason=f"native kernels: {_NATIVE}"))
+KERNELS = ["torch", ONEDNN, AVX512]
 LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
                "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
 VARIANTS = {
@@ -119,14 +122,16 @@ def test_dense_cache_decode_matches_full_forward(variant_checkpoints, kernels):
     assert torch.allclose(chunk, full[:, 5:], atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("kernels", ["torch", AVX512])
 @pytest.mark.parametrize("variant", ["gqa-tied", "mqa-untied"])
-def test_engine_slot_cache_decode_matches_full_forward(variant_checkpoints, variant):
+def test_engine_slot_cache_decode_matches_full_forward(variant_checkpoints, variant, kernels):
     """The engine's own cache: rows of different lengths prefilled together (right-padded),
-    then one-token steps for every row; each step's logits equal the full forward's."""
-    model = load_llama(variant_checkpoints[variant], linear_kernels="torch")
+    then one-token steps for every row; each step's logits equal the full forward's (torch
+    linears and SDPA, or the native kernels and native grouped-query decode attention)."""
+    model = load_llama(variant_checkpoints[variant], linear_kernels=kernels)
     cfg = model.config
     cache = SlotKVCache(cfg, max_slots=4, max_len=64, device=torch.device("cpu"), dtype=torch.float32,
-                        backend="sdpa")
+                        backend="sdpa" if kernels == "torch" else "avx512")
     assert cache.k[0].shape[2] == cfg.n_kv_head
     assert cache.bytes_per_token == 2 * cfg.n_layer * cfg.n_kv_head * cfg.head_dim * 4
     ids = _ids(2, (3, 20))
@@ -150,13 +155,15 @@ def test_engine_slot_cache_decode_matches_full_forward(variant_checkpoints, vari
         assert torch.allclose(logits, want, atol=1e-4, rtol=0), (step, (logits - want).abs().max())
 
 
-async def test_engine_greedy_matches_transformers_generate(variant_checkpoints):
+@pytest.mark.parametrize("kernels", [("auto", "auto"), ("torch", "sdpa")], ids=lambda k: "-".join(k))
+async def test_engine_greedy_matches_transformers_generate(variant_checkpoints, kernels):
     """Mixed-length prompts in one engine batch (prefill, then decode steps through the slot
-    cache) give transformers' greedy tokens."""
+    cache: on the native kernels, replayed) give transformers' greedy tokens."""
     ckpt = variant_checkpoints["gqa-tied"]
-    engine = Engine.from_pretrained(ckpt, EngineConfig(max_batch_size=4))
+    engine = Engine.from_pretrained(ckpt, EngineConfig(max_batch_size=4, linear_kernels=kernels[0],
+                                                       attention=kernels[1]))
     try:
-        assert engine.model_config.family == "llama" and engine.attention_backend == "sdpa"
+        assert engine.model_config.family == "llama"
         prompts = [[11, 22, 33], list(range(100, 117)), [5000, 42, 7, 9, 31337, 2]]
         results = await asyncio.gather(*[
             engine.complete(p, SamplingParams(max_tokens=10, temperature=0.0, detect_repetition=False))
@@ -172,18 +179,18 @@ async def test_engine_greedy_matches_transformers_generate(variant_checkpoints):
         assert got.token_ids == out[0, len(prompt):].tolist(), prompt
 
 
-def test_avx512_is_refused_for_llama_and_auto_avoids_it(variant_checkpoints):
+def test_auto_picks_the_native_kernels_for_llama_where_they_run(variant_checkpoints):
     cpu = torch.device("cpu")
-    with pytest.raises(ValueError, match="avx512 kernels run GPT-2 models only"):
-        resolve_kernels("avx512", cpu, torch.float32, "llama")
-    with pytest.raises(ValueError, match="avx512 attention kernel runs GPT-2 models only"):
-        resolve_attention("avx512", cpu, torch.float32, 64, "llama")
-    assert resolve_kernels("auto", cpu, torch.float32, "llama") in ("onednn", "torch")
-    assert resolve_attention("auto", cpu, torch.float32, 64, "llama") == "sdpa"
-    with pytest.raises(ValueError, match="GPT-2 models only"):
-        load_model(variant_checkpoints["gqa-tied"], linear_kernels="avx512")
-    with pytest.raises(ValueError, match="GPT-2 models only"):
-        Engine.from_pretrained(variant_checkpoints["gqa-tied"], EngineConfig(attention="avx512"))
+    native = _NATIVE is None
+    assert resolve_kernels("auto", cpu, torch.float32, "llama") == ("avx512" if native else "onednn")
+    assert resolve_attention("auto", cpu, torch.float32, 64, "llama") == ("avx512" if native else "sdpa")
+    assert resolve_attention("auto", cpu, torch.float32, 8, "llama") == "sdpa"  # head_dim 8: SDPA
+    engine = Engine.from_pretrained(variant_checkpoints["gqa-tied"], EngineConfig(max_batch_size=2))
+    try:
+        assert (engine.model.linear_kernels, engine.attention_backend) == (
+            ("avx512", "avx512") if native else ("onednn", "sdpa"))
+    finally:
+        engine.stop()
 
 
 def test_bfloat16_llama_runs_close_to_fp32(variant_checkpoints):

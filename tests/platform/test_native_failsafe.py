@@ -222,3 +222,13 @@ def test_the_spy_sees_native_calls(small_checkpoint, monkeypatch):
     calls = spy_on_native(monkeypatch)
     generate(small_checkpoint, EngineConfig(max_batch_size=4))
     assert {"outcome", "pf_linear", "pf_decode_attention", "argmax", "pf_argmax_rows"} <= set(calls)
+
+
+def test_a_llama_falls_back_too(tmp_path, fresh_build, monkeypatch, caplog):
+    """The same for a Llama, whose ``auto`` is the native kernels where they build."""
+    from promptfleet.platform.random_checkpoint import make_random_llama_checkpoint
+
+    ckpt = make_random_llama_checkpoint(tmp_path / "llama", shape="llama-tiny", seed=8, scale=4.0)
+    want, _ = generate(ckpt, EngineConfig(max_batch_size=4, linear_kernels=FALLBACK_LINEARS, attention="sdpa"))
+    monkeypatch.setenv("CC", fake_compiler(tmp_path, COMPILERS["fails"]))
+    assert_auto_falls_back(ckpt, want, fresh_build, caplog)

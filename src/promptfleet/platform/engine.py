@@ -27,7 +27,8 @@ from promptfleet.platform.config import EngineConfig, ModelConfig, resolve_dtype
 from promptfleet.platform.kv_cache import SlotKVCache, resolve_attention
 from promptfleet.platform.llama import Llama
 from promptfleet.platform.model import GPT2
-from promptfleet.platform.packing import Group, pack, plan_step
+from promptfleet.platform.packing import MIN_PROMPT_TOKENS, Group, pack, plan_step
+from promptfleet.platform.runner import ModelRunner
 from promptfleet.platform.sampling import SamplingParams, sample
 from promptfleet.platform.scheduler import QueueFullError, RequestTooLargeError, Scheduler
 from promptfleet.platform.sequence import CompletionDelta, Sequence, SeqStatus
@@ -91,12 +92,19 @@ class Engine:
         backend = resolve_attention(c.attention, self.device, self.dtype, self.model_config.head_dim,
                                     self.model_config.family)
         self.attention_backend = backend
-        self.cache = SlotKVCache(self.model_config, max_slots=c.max_batch_size, max_len=self.max_model_len,
-                                 device=self.device, dtype=self.dtype, backend=backend,
-                                 prefill_pad=self.max_model_len if backend == "flash" else 0)
-        budget = max(1, c.kv_cache_bytes // self.cache.bytes_per_token)
-        self.scheduler = Scheduler(self.cache, max_batch_size=c.max_batch_size, budget_tokens=budget,
-                                   max_queue=c.max_queue, max_model_len=self.max_model_len)
+        # the cache allocates what kv_cache_bytes holds (slots of max_model_len positions, and
+        # flash-attn's margin for padded prompt tokens: the widest chunk a step packs)
+        self.cache = SlotKVCache.for_budget(
+            self.model_config, budget_bytes=c.kv_cache_bytes, max_slots=c.max_batch_size, max_len=self.max_model_len,
+            device=self.device, dtype=self.dtype, backend=backend,
+            prefill_pad=min(self.max_model_len, max(c.max_step_tokens, MIN_PROMPT_TOKENS)))
+        if self.cache.max_slots < c.max_batch_size:
+            log.warning("kv_cache_bytes %d holds %d sequences of %d tokens (max_batch_size %d): raise it, or lower "
+                        "max_model_len, to run more at once", c.kv_cache_bytes, self.cache.max_slots,
+                        self.cache.max_len, c.max_batch_size)
+        self.scheduler = Scheduler(self.cache, max_batch_size=c.max_batch_size, max_queue=c.max_queue,
+                                   max_model_len=self.max_model_len)
+        self.runner = ModelRunner(model, self.cache)  # the one place the fast decode path is chosen
         self.adapters: dict[str, AdapterPrefix] = {}
         self._inbox: list[tuple[str, object]] = []
         # deltas produced by the engine thread, handed to their event loops once per step
@@ -385,7 +393,7 @@ class Engine:
 
     def _forward_and_sample(self, groups: list[Group]) -> None:
         batch = pack(groups, self.cache, n_positions=self.model_config.n_positions, device=self.device)
-        hidden = self.model(batch.ids, batch.positions, batch.ctx)
+        hidden = self.runner.forward(batch)
         seqs = [s for g in groups if g.sample for s in g.seqs]
         tokens = self._sample_rows(hidden[0, batch.last], seqs) if seqs else []
         # nothing above changed a sequence's state, so a step that raised can run again

@@ -7,17 +7,23 @@ key/value heads: fewer than the query heads under grouped-query attention), so o
 token's keys for all heads are one contiguous row: a decode step writes B rows of
 ``heads * head_dim`` (not B * heads scattered ones) and SDPA reads ``[B, H, T, D]`` as a
 strided view. ``pad`` is 1 for SDPA (position ``max_len`` is a scratch row that padded
-prefill tokens write into) and ``max_len`` for flash-attn, which appends past each row's
-end. On CPU ``torch.empty`` only reserves address space: pages become resident as tokens
-are written, so memory follows use; admission is bounded by a token budget (``Scheduler``).
+prefill tokens write into) and, for flash-attn, which appends padded prompt tokens past
+each row's end, the widest prompt chunk a step packs (``max_step_tokens``).
+
+Capacity follows the budget (``SlotKVCache.for_budget``): as many slots of ``max_len``
+positions as ``kv_cache_bytes`` holds, up to ``max_batch_size``, pad included, so what is
+allocated (physical memory on CUDA) never exceeds the budget; when the budget holds less
+than one full-length sequence, one shorter slot. The scheduler admits into free slots, and
+a request longer than a slot is refused. (A slot is sized for the longest sequence, so a
+short request holds a whole slot: a paged layout would pack more short requests into the
+same budget, at the price of a gather for every SDPA read.)
 
 Attention backends (``resolve_attention``): ``flash`` (flash-attn, CUDA fp16/bf16),
 ``sdpa`` (torch SDPA), and ``avx512`` on CPU (fp32; bf16 where the CPU has AVX512-BF16):
 SDPA for prompt chunks, and decode groups (one new token per row) through
 ``native_kernels``' decode attention, which reads each row's keys and values front to
 back once (8.2 vs 12.5 ms for SDPA over 12 layers at batch 32, 84 positions: 24 vs 15
-GB/s). A step that is one such group hands ``native_decode`` its plan
-(``PackedBatch.native_decode_plan``).
+GB/s), grouped-query heads included.
 """
 from __future__ import annotations
 
@@ -28,7 +34,6 @@ import torch.nn.functional as F
 
 from promptfleet.platform.adapter import AdapterPrefix
 from promptfleet.platform.config import ModelConfig
-from promptfleet.platform.native_decode import DecodePlan
 from promptfleet.platform.native_kernels import NativeKernels, native_kernels, unavailable_for
 
 ATTENTION = ("auto", "sdpa", "flash", "avx512")
@@ -49,26 +54,28 @@ def flash_attn_available(device: torch.device) -> bool:
 def resolve_attention(name: str, device: torch.device, dtype: torch.dtype, head_dim: int,
                       family: str = "gpt2") -> str:
     """``auto`` -> ``flash`` on CUDA in fp16/bf16 with flash-attn installed, ``avx512`` on
-    CPU where the native kernels run for the dtype (GPT-2 only for now), else ``sdpa``.
-    Asking for one that cannot run here is an error that says why."""
+    CPU where the native kernels run for the dtype, else ``sdpa``. Asking for one that
+    cannot run here is an error that says why."""
     if name not in ATTENTION:
         raise ValueError(f"unknown attention backend {name!r}; use one of {', '.join(ATTENTION)}")
-    if name == "avx512" and family != "gpt2":
-        raise ValueError(f"the avx512 attention kernel runs GPT-2 models only for now, not {family!r}; "
-                         "use auto or sdpa")
     if name == "auto" and flash_attn_available(device) and dtype != torch.float32:
         return "flash"
     if name == "flash":
         if not _flash_attn_importable():
             raise ValueError("flash attention needs the flash-attn package (pip install 'promptfleet[gpu]', CUDA)")
         return "flash"
-    if name in ("auto", "avx512") and family == "gpt2":
+    if name in ("auto", "avx512"):
         reason = f"head_dim {head_dim} is not a multiple of 16" if head_dim % 16 else unavailable_for(device, dtype)
         if reason is None:
             return "avx512"
         if name == "avx512":
             raise ValueError(f"the avx512 attention kernel cannot run here: {reason}")
     return "sdpa"
+
+
+def token_bytes(cfg: ModelConfig, dtype: torch.dtype) -> int:
+    """Bytes one token's keys and values take over all layers."""
+    return 2 * cfg.n_layer * cfg.kv_dim * torch.empty(0, dtype=dtype).element_size()
 
 
 class SlotKVCache:
@@ -78,13 +85,38 @@ class SlotKVCache:
         # decode groups go through the native kernel; everything else as with sdpa
         self.decode_kernels: NativeKernels | None = native_kernels() if backend == "avx512" else None
         h, d = cfg.n_kv_head, cfg.head_dim
-        shape = (max_slots, max_len + (prefill_pad if backend == "flash" else 1), h, d)
+        shape = (max_slots, max_len + self.pad_for(backend, prefill_pad), h, d)
         self.k = [torch.empty(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
         self.v = [torch.empty(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
         # Positions below initialized[slot] hold finite data. A batch reads keys up to its
         # longest row, and a masked key still multiplies its value by 0 (0 * NaN = NaN), so
         # never-written memory is zeroed once, the first time a read reaches it.
         self.initialized = [0] * max_slots
+
+    @staticmethod
+    def pad_for(backend: str, prefill_pad: int) -> int:
+        return prefill_pad if backend == "flash" else 1
+
+    @classmethod
+    def for_budget(cls, cfg: ModelConfig, *, budget_bytes: int, max_slots: int, max_len: int, device: torch.device,
+                   dtype: torch.dtype, backend: str, prefill_pad: int = 0) -> "SlotKVCache":
+        """As many slots of ``max_len`` positions (pad included) as ``budget_bytes`` holds, at
+        most ``max_slots``; one slot of what the budget holds when that is less than one."""
+        per_token, pad = token_bytes(cfg, dtype), cls.pad_for(backend, prefill_pad)
+        slots = min(max_slots, budget_bytes // ((max_len + pad) * per_token))
+        if slots < 1:  # one slot of what the budget holds (flash's pad at most its length)
+            total = budget_bytes // per_token
+            slots, max_len = 1, total - pad if total >= 2 * pad else total // 2
+            prefill_pad = min(prefill_pad, max_len)
+            if max_len < 2:
+                raise ValueError(f"kv_cache_bytes {budget_bytes} holds no sequence: one token's keys and values "
+                                 f"take {per_token} bytes over all layers (+{pad} positions of pad per slot)")
+        return cls(cfg, max_slots=slots, max_len=max_len, device=device, dtype=dtype, backend=backend,
+                   prefill_pad=prefill_pad)
+
+    @property
+    def allocated_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.k, *self.v))
 
     def ensure_initialized(self, slot0: int, count: int, upto: int) -> None:
         if self.backend == "flash":
@@ -105,7 +137,7 @@ class SlotKVCache:
 
     @property
     def bytes_per_token(self) -> int:
-        return 2 * self.cfg.n_layer * self.cfg.kv_dim * self.k[0].element_size()
+        return token_bytes(self.cfg, self.k[0].dtype)
 
     def copy_prefix(self, slot: int, prefix: AdapterPrefix) -> None:
         """Put an adapter's shared virtual-token K/V (``[n_layer, H_kv, n, D]``) at positions
@@ -164,9 +196,10 @@ class SlotBatch:
             return self._flash(layer, q, k, v)
         kc, vc = c.k[layer], c.v[layer]
         if self.native_lens is not None:
-            heads, dim = q.shape[2], q.shape[3]
-            q, k, v = (t.reshape(self.B, heads, dim) for t in (q, k, v))
-            out = c.decode_kernels.decode_attention(q, kc, vc, self.slot0, self.native_lens, k_new=k, v_new=v)
+            heads, kv_heads, dim = q.shape[2], k.shape[2], q.shape[3]
+            out = c.decode_kernels.decode_attention(q.reshape(self.B, heads, dim), kc, vc, self.slot0, self.native_lens,
+                                                    k_new=k.reshape(self.B, kv_heads, dim),
+                                                    v_new=v.reshape(self.B, kv_heads, dim))
             return out.reshape(self.B, 1, heads, dim)
         # one index_copy_ of B*T token rows into the flat [slots*positions, H*D] view
         # (much cheaper than advanced-index assignment)
@@ -209,14 +242,6 @@ class PackedBatch:
     def __init__(self, groups: list[SlotBatch]) -> None:
         self.groups = groups
         self.sizes = [g.B * g.T for g in groups]
-
-    def native_decode_plan(self) -> DecodePlan | None:
-        """The plan for ``native_decode`` when this step is one group of one-token rows on
-        the native attention path (a decode-only step), else None."""
-        if len(self.groups) != 1 or self.groups[0].native_lens is None:
-            return None
-        g = self.groups[0]
-        return DecodePlan(k=g.cache.k, v=g.cache.v, slot0=g.slot0, lens=g.native_lens)
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         heads, kv_heads, dim = q.shape[2], k.shape[2], q.shape[3]

@@ -14,13 +14,12 @@ packed once into its blocked layout, the same fp32 arithmetic (max |diff| ~1e-4 
 outputs of size ~30). The MLP's GELU is fused into the packed ``c_fc``.
 
 ``pack_linears(model)`` swaps every block's ``nn.Linear`` for a ``PackedLinear``
-(oneDNN) or a ``NativeLinear`` (``native_layers.py``; with ``avx512`` the layer norms
-become ``NativeLayerNorm`` too, and decode-only steps run through
-``native_decode.NativeDecode``) and gives the model a packed copy of the tied LM head;
-``kernels="torch"`` keeps plain PyTorch (and is what every non-CPU device gets). ``auto``
-takes ``avx512`` where it builds for the dtype, else ``onednn`` (fp32, bf16), else
-``torch``. Llama-family models (``llama.Llama``) get ``onednn`` or ``torch`` for now: the
-native kernels have no RMSNorm, SwiGLU, RoPE or grouped-query decode yet.
+(oneDNN) or a ``NativeLinear`` (``native_layers.py``; with ``avx512`` GPT-2's layer norms
+become ``NativeLayerNorm`` too, and a Llama's RMSNorms, RoPE and SiLU gate run on the
+native kernels) and gives the model a packed copy of the tied LM head; ``kernels="torch"``
+keeps plain PyTorch (and is what every non-CPU device gets). ``auto`` takes ``avx512``
+where it builds for the dtype, else ``onednn`` (fp32, bf16), else ``torch``, for both
+families.
 """
 from __future__ import annotations
 
@@ -32,8 +31,8 @@ from torch import nn
 from promptfleet.platform.llama import Llama
 from promptfleet.platform.model import GPT2
 from promptfleet.platform.native_kernels import huge_page_empty, native_kernels, unavailable_for
-from promptfleet.platform.native_decode import NativeDecode
-from promptfleet.platform.native_layers import NativeLayerNorm, NativeLinear, pad_rows, weight_and_bias
+from promptfleet.platform.native_layers import (SILU_GATE, NativeLayerNorm, NativeLinear, NativeRMSNorm, NativeRotary,
+                                                pad_rows, weight_and_bias)
 
 log = logging.getLogger(__name__)
 
@@ -73,14 +72,11 @@ def onednn_linear_available(device: torch.device, dtype: torch.dtype) -> bool:
 
 def resolve_kernels(kernels: str, device: torch.device, dtype: torch.dtype, family: str = "gpt2") -> str:
     """``auto`` -> ``avx512`` where it builds and runs for the dtype (CPU; fp32, bf16 with
-    AVX512-BF16; GPT-2 only for now), else ``onednn`` where that is available, else
-    ``torch``. Asking for one that cannot run here is an error that says why."""
+    AVX512-BF16), else ``onednn`` where that is available, else ``torch``. Asking for one
+    that cannot run here is an error that says why."""
     if kernels not in KERNELS:
         raise ValueError(f"unknown linear kernels {kernels!r}; use one of {', '.join(KERNELS)}")
-    if kernels == "avx512" and family != "gpt2":
-        raise ValueError(f"the avx512 kernels run GPT-2 models only for now, not {family!r}; "
-                         "use auto, onednn or torch")
-    if kernels in ("auto", "avx512") and family == "gpt2":
+    if kernels in ("auto", "avx512"):
         reason = unavailable_for(device, dtype)
         if reason is None:
             return "avx512"
@@ -157,7 +153,7 @@ def pack_linears(model: GPT2 | Llama, kernels: str = "auto") -> str:
     if chosen == "torch":
         return "torch"
     if isinstance(model, Llama):
-        return _pack_llama_onednn(model)
+        return _pack_llama_native(model) if chosen == "avx512" else _pack_llama_onednn(model)
     act = model.config.activation_function
     if chosen == "avx512":
         gemm = native_kernels()
@@ -182,7 +178,6 @@ def pack_linears(model: GPT2 | Llama, kernels: str = "auto") -> str:
         for block in model.blocks:
             block.ln_1, block.ln_2 = NativeLayerNorm(block.ln_1, gemm), NativeLayerNorm(block.ln_2, gemm)
         model.ln_f = NativeLayerNorm(model.ln_f, gemm)
-        model.native_decode = NativeDecode.for_model(model, gemm)
     model.linear_kernels = chosen
     if chosen == "onednn":
         # blocks share their four weight shapes: warming one block's linears compiles them all
@@ -191,6 +186,28 @@ def pack_linears(model: GPT2 | Llama, kernels: str = "auto") -> str:
             layer.warm_up()
     log.info("linears packed for %s (%d blocks + LM head)", chosen, len(model.blocks))
     return chosen
+
+
+def _pack_llama_native(model: Llama) -> str:
+    """Native-kernel copies of a Llama's linears (SiLU gate after gate_up), norms and RoPE."""
+    gemm = native_kernels()
+    head = model.wte.weight if model.lm_head is None else model.lm_head.weight
+    linears = [(b, name) for b in model.blocks for name in ("qkv", "o_proj", "gate_up", "down")]
+    sizes = [gemm.packed_numel(*getattr(b, name).weight.shape) for b, name in linears] + [
+        gemm.packed_numel(*head.shape)]
+    slices = iter(huge_page_empty(sum(sizes), head.dtype).split(sizes))  # in the order a forward reads them
+    for block, name in linears:
+        activation = SILU_GATE if name == "gate_up" else None
+        setattr(block, name, NativeLinear(getattr(block, name), gemm, activation=activation, out=next(slices)))
+    for block in model.blocks:
+        block.fused_gate = True
+        block.attn_norm, block.mlp_norm = NativeRMSNorm(block.attn_norm, gemm), NativeRMSNorm(block.mlp_norm, gemm)
+    model.norm = NativeRMSNorm(model.norm, gemm)
+    model.rotary = NativeRotary(model.rotary, gemm)
+    model.lm_head = NativeLinear(model.wte.weight if model.lm_head is None else model.lm_head, gemm, out=next(slices))
+    model.linear_kernels = "avx512"
+    log.info("linears packed for avx512 (%d Llama blocks + LM head)", len(model.blocks))
+    return "avx512"
 
 
 def _pack_llama_onednn(model: Llama) -> str:

@@ -58,27 +58,37 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None) -> t
     return torch.where(medium, blended, scaled)
 
 
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x`` ``[B, T, heads, D]``; the two halves of D are the pairs (transformers'
+    ``rotate_half`` convention, which Hugging Face Llama checkpoints are stored for)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+class Rope:
+    """One step's rotation: ``rope(q, k)`` returns q and k rotated by their positions."""
+
+    def __init__(self, cos: torch.Tensor, sin: torch.Tensor) -> None:
+        self.cos, self.sin = cos, sin
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return apply_rope(q, self.cos, self.sin), apply_rope(k, self.cos, self.sin)
+
+
 class Rotary(nn.Module):
     """cos/sin of each position's angles, computed per step from the positions (no table
-    sized by the context length)."""
+    sized by the context length); ``native_layers.NativeRotary`` on the native kernels."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.register_buffer("inv_freq", rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling),
                              persistent=False)
 
-    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(cos, sin)``, each ``[B, T, 1, head_dim]`` in ``dtype`` (broadcast over heads)."""
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> Rope:
+        """The rotation for ``positions`` ``[B, T]``: cos/sin ``[B, T, 1, head_dim]`` in ``dtype``."""
         freqs = positions[..., None].float() * self.inv_freq.float()
         angles = torch.cat([freqs, freqs], dim=-1)[:, :, None, :]
-        return angles.cos().to(dtype), angles.sin().to(dtype)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate ``x`` ``[B, T, heads, D]``; the two halves of D are the pairs (transformers'
-    ``rotate_half`` convention, which Hugging Face Llama checkpoints are stored for)."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+        return Rope(angles.cos().to(dtype), angles.sin().to(dtype))
 
 
 class Block(nn.Module):
@@ -94,17 +104,20 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(d, cfg.rms_norm_eps)
         self.gate_up = nn.Linear(d, 2 * cfg.intermediate_size, bias=cfg.mlp_bias)
         self.down = nn.Linear(cfg.intermediate_size, d, bias=cfg.mlp_bias)
+        self.fused_gate = False  # True once gate_up applies silu(gate) * up itself (linear_kernels)
 
-    def forward(self, x: torch.Tensor, ctx: AttentionContext, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ctx: AttentionContext, rope: Rope) -> torch.Tensor:
         b, t, _ = x.shape
         q, k, v = self.qkv(self.attn_norm(x)).split([self.q_width, self.kv_width, self.kv_width], dim=-1)
-        q = apply_rope(q.view(b, t, self.n_head, self.head_dim), cos, sin)
-        k = apply_rope(k.view(b, t, self.n_kv_head, self.head_dim), cos, sin)
-        v = v.reshape(b, t, self.n_kv_head, self.head_dim)
+        q, k = rope(q.view(b, t, self.n_head, self.head_dim), k.view(b, t, self.n_kv_head, self.head_dim))
+        v = v.view(b, t, self.n_kv_head, self.head_dim)
         y = ctx.attend(self.index, q, k, v).reshape(b, t, self.q_width)
         x = linear_plus(self.o_proj, y, x)
-        gate, up = self.gate_up(self.mlp_norm(x)).chunk(2, dim=-1)
-        return linear_plus(self.down, F.silu(gate) * up, x)
+        h = self.gate_up(self.mlp_norm(x))
+        if not self.fused_gate:
+            gate, up = h.chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        return linear_plus(self.down, h, x)
 
 
 class Llama(nn.Module):
@@ -131,10 +144,16 @@ class Llama(nn.Module):
     def forward(self, input_ids: torch.Tensor | None, positions: torch.Tensor, ctx: AttentionContext,
                 inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
         """Hidden states after the final RMSNorm, ``[B, T, d]``."""
-        x = self.embed(input_ids, positions, inputs_embeds)
-        cos, sin = self.rotary(positions, x.dtype)
+        return self.final_norm(self.run_blocks(self.embed(input_ids, positions, inputs_embeds), positions, ctx))
+
+    def run_blocks(self, x: torch.Tensor, positions: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+        """The blocks over embeddings ``x`` at ``positions`` (what a decode replay records)."""
+        rope = self.rotary(positions, x.dtype)
         for block in self.blocks:
-            x = block(x, ctx, cos, sin)
+            x = block(x, ctx, rope)
+        return x
+
+    def final_norm(self, x: torch.Tensor) -> torch.Tensor:
         return self.norm(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -79,9 +79,6 @@ class GPT2(nn.Module):
         self.ln_f = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_epsilon)
         self.lm_head: nn.Module | None = None  # set by linear_kernels.pack_linears
         self.linear_kernels = "torch"
-        # set by pack_linears on the native kernels: runs decode-only steps' blocks as a
-        # straight run of kernel calls (native_decode.NativeDecode), given the context's plan
-        self.native_decode = None
 
     def embed(self, input_ids: torch.Tensor | None, positions: torch.Tensor,
               inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
@@ -91,14 +88,15 @@ class GPT2(nn.Module):
     def forward(self, input_ids: torch.Tensor | None, positions: torch.Tensor, ctx: AttentionContext,
                 inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
         """Hidden states after the final layer norm, ``[B, T, d]``."""
-        x = self.embed(input_ids, positions, inputs_embeds)
-        plan_of = getattr(ctx, "native_decode_plan", None) if self.native_decode is not None else None
-        plan = plan_of() if plan_of is not None else None
-        if plan is not None:
-            x = self.native_decode(x, plan)
-        else:
-            for block in self.blocks:
-                x = block(x, ctx)
+        return self.final_norm(self.run_blocks(self.embed(input_ids, positions, inputs_embeds), positions, ctx))
+
+    def run_blocks(self, x: torch.Tensor, positions: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
+        """The blocks over embeddings ``x`` (positions already added; what a decode replay records)."""
+        for block in self.blocks:
+            x = block(x, ctx)
+        return x
+
+    def final_norm(self, x: torch.Tensor) -> torch.Tensor:
         return self.ln_f(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

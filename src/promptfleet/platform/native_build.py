@@ -26,9 +26,10 @@ log = logging.getLogger(__name__)
 CSRC = Path(__file__).parent / "csrc"
 SOURCES = tuple(CSRC / name for name in
                 ("gemm_avx512.c", "gemm_bf16_avx512.c", "layernorm_avx512.c", "decode_attention_avx512.c",
-                 "argmax_avx512.c"))
+                 "argmax_avx512.c", "llama_ops_avx512.c"))
 HEADERS = (CSRC / "vec_math_avx512.h", CSRC / "gemm_panels.h")
-FLAGS = ("-O3", "-mavx512f", "-mfma", "-fopenmp", "-shared", "-fPIC", "-std=gnu11")
+# -ffp-contract=off: a multiply and an add written apart stay apart (as torch computes them)
+FLAGS = ("-O3", "-mavx512f", "-mfma", "-fopenmp", "-shared", "-fPIC", "-std=gnu11", "-ffp-contract=off")
 
 
 class KernelUnavailable(RuntimeError):

@@ -1,6 +1,8 @@
 """The engine's AVX-512 CPU kernels (``csrc/*.c``): the linears' GEMM (with the
-activation and residual add fused), layer norm, decode attention and greedy argmax, in
-fp32; all but argmax also in bf16 where the CPU has AVX512-BF16.
+activation and residual add fused), layer norm, decode attention (grouped-query too) and
+greedy argmax, in fp32; all but argmax also in bf16 where the CPU has AVX512-BF16; and the
+Llama family's RMSNorm, RoPE and SiLU gate (fp32 or bf16 on any AVX-512F CPU). Every call
+goes through ``native_trace.invoke``, so a forward's calls can be recorded and replayed.
 Compiled once per machine into one shared library (``native_build.py``), called through
 ctypes (which releases the GIL for the call). The library links the OpenMP runtime torch
 itself loaded, so its threads are torch's threads.
@@ -26,6 +28,7 @@ from pathlib import Path
 import torch
 
 from promptfleet.platform.native_build import BF16_FLAGS, KernelUnavailable, build_library, cpu_flags, loaded_libgomp
+from promptfleet.platform.native_trace import invoke
 
 log = logging.getLogger(__name__)
 
@@ -97,9 +100,10 @@ class NativeKernels:
         if residual is not None:
             residual = residual.contiguous()
         out = torch.empty(m, out_features, dtype=dtype)
-        self.function_for("pf_linear", dtype)(x.data_ptr(), m, k, packed.data_ptr(), out_features, None if bias is None else bias.data_ptr(),
-             FUSED_ACTIVATIONS.get(activation, 0), None if residual is None else residual.data_ptr(), out.data_ptr(),
-             torch.get_num_threads())
+        invoke(self.function_for("pf_linear", dtype),
+               (x.data_ptr(), m, k, packed.data_ptr(), out_features, None if bias is None else bias.data_ptr(),
+                FUSED_ACTIVATIONS.get(activation, 0), None if residual is None else residual.data_ptr(),
+                out.data_ptr(), torch.get_num_threads()))
         return out
 
     def layer_norm(self, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
@@ -113,44 +117,101 @@ class NativeKernels:
             raise ValueError(f"bad native layer norm call: x {tuple(x.shape)} {x.dtype} on {x.device}")
         x = x.contiguous()
         out = torch.empty_like(x)
-        rc = self.lib.pf_layer_norm(x.data_ptr(), x.numel() // d, d, None if weight is None else weight.data_ptr(),
-                                    None if bias is None else bias.data_ptr(), eps, out.data_ptr(),
-                                    int(x.dtype == torch.bfloat16), torch.get_num_threads())
-        if rc != 0:
-            raise MemoryError("native layer norm could not get scratch memory")
+        invoke(self.lib.pf_layer_norm, (x.data_ptr(), x.numel() // d, d, None if weight is None else weight.data_ptr(),
+                                        None if bias is None else bias.data_ptr(), eps, out.data_ptr(),
+                                        int(x.dtype == torch.bfloat16), torch.get_num_threads()),
+               refusal="native layer norm could not get scratch memory")
         return out
 
     def decode_attention(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot0: int,
                          lens: torch.Tensor, k_new: torch.Tensor | None = None,
-                         v_new: torch.Tensor | None = None) -> torch.Tensor:
+                         v_new: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
         """Softmax attention of ``q`` ``[B, H, D]`` over the first ``lens[b]`` positions of
-        cache slot ``slot0 + b`` (caches ``[slots, positions, H, D]``, contiguous; fp32, or
-        bf16 where ``supports`` it, with fp32 arithmetic);
-        returns ``[B, H, D]``. ``k_new``/``v_new`` (``[B, H, D]``), when given, are stored
-        at position ``lens[b] - 1`` first: this step's token. ``q``/``k_new``/``v_new`` may
-        be row-strided views (e.g. of one fused qkv output): read in place, not copied."""
+        cache slot ``slot0 + b`` (caches ``[slots, positions, H_kv, D]``, contiguous, with
+        ``H_kv`` dividing ``H``: query head h reads KV head ``h // (H / H_kv)``, grouped-query
+        attention; fp32, or bf16 where ``supports`` it, with fp32 arithmetic); returns
+        ``[B, H, D]`` (``out``'s first B rows when given). ``k_new``/``v_new``
+        (``[B, H_kv, D]``), when given, are stored at position ``lens[b] - 1`` first: this
+        step's token. ``q``/``k_new``/``v_new`` may be row-strided views of one buffer (e.g.
+        one fused qkv output): read in place, not copied."""
         b, h, d = q.shape
-        slots, positions = k_cache.shape[:2]
+        slots, positions, kv_heads = k_cache.shape[:3]
         new = [t for t in (k_new, v_new) if t is not None]
         dtype = k_cache.dtype
         if (not self.supports(dtype) or q.dtype != dtype or v_cache.dtype != dtype or k_cache.shape != v_cache.shape
-                or k_cache.shape[2:] != (h, d) or d % 16 or not (k_cache.is_contiguous() and v_cache.is_contiguous())
+                or k_cache.shape[3] != d or h % kv_heads or d % 16
+                or not (k_cache.is_contiguous() and v_cache.is_contiguous())
                 or lens.dtype != torch.int32 or lens.shape != (b,) or not 0 <= slot0 <= slots - b
-                or len(new) == 1 or any(t.shape != q.shape or t.dtype != dtype for t in new)):
+                or len(new) == 1 or any(t.shape != (b, kv_heads, d) or t.dtype != dtype for t in new)
+                or (out is not None and (out.dtype != dtype or out.shape[1:] != (h, d) or out.shape[0] < b
+                                         or not out.is_contiguous()))):
             raise ValueError(f"bad native attention call: q {tuple(q.shape)} {q.dtype}, cache {tuple(k_cache.shape)}")
         rows = [q, *new]
         if not all(t.stride(1) == d and t.stride(2) == 1 and t.stride(0) == q.stride(0) >= h * d for t in rows):
-            rows = [t.contiguous() for t in rows]  # one row stride for all, heads dense within a row
+            # one row stride for all, heads dense within a row: q, k, v side by side
+            packed = torch.cat([t.reshape(b, -1) for t in rows], dim=1)
+            rows = [packed[:, :h * d].view(b, h, d)] + [
+                packed[:, (h + i * kv_heads) * d:(h + (i + 1) * kv_heads) * d].view(b, kv_heads, d)
+                for i in range(len(new))]
         q, k_new, v_new = rows if new else (rows[0], None, None)
-        out = torch.empty(b, h, d, dtype=dtype)
-        rc = self.lib.pf_decode_attention(q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), positions * h * d,
-                                          slot0, lens.data_ptr(), None if k_new is None else k_new.data_ptr(),
-                                          None if v_new is None else v_new.data_ptr(), q.stride(0), b, h, d, positions,
-                                          1.0 / math.sqrt(d), out.data_ptr(), int(dtype == torch.bfloat16),
-                                          torch.get_num_threads())
-        if rc != 0:
-            raise ValueError(f"native attention refused lengths {lens.tolist()} (cache holds {positions}) "
-                             "or could not get scratch memory")
+        if out is None:
+            out = torch.empty(b, h, d, dtype=dtype)
+        invoke(self.lib.pf_decode_attention,
+               (q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), positions * kv_heads * d, slot0, lens.data_ptr(),
+                None if k_new is None else k_new.data_ptr(), None if v_new is None else v_new.data_ptr(),
+                q.stride(0), b, h, kv_heads, d, positions, 1.0 / math.sqrt(d), out.data_ptr(),
+                int(dtype == torch.bfloat16), torch.get_num_threads()),
+               rows_at=9, refusal=lambda: f"native attention refused lengths {lens.tolist()} (cache holds "
+                                         f"{positions}) or could not get scratch memory")
+        return out[:b]
+
+    def elementwise_ok(self, x: torch.Tensor) -> bool:
+        """The element-wise kernels (norms, RoPE, SiLU gate) take fp32 or bf16 on any
+        AVX-512F CPU: bf16 there is only widening and rounding."""
+        return x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        """transformers' ``LlamaRMSNorm`` over the last dimension (fp32 or bf16)."""
+        d = x.shape[-1]
+        if (not self.elementwise_ok(x) or d == 0 or weight.shape != (d,) or weight.dtype != x.dtype
+                or not weight.is_contiguous()):
+            raise ValueError(f"bad native RMSNorm call: x {tuple(x.shape)} {x.dtype} on {x.device}")
+        x = x.contiguous()
+        out = torch.empty_like(x)
+        invoke(self.lib.pf_rms_norm, (x.data_ptr(), x.numel() // d, d, weight.data_ptr(), eps, out.data_ptr(),
+                                      int(x.dtype == torch.bfloat16), torch.get_num_threads()))
+        return out
+
+    def rope_table(self, positions: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin ``[rows, D/2]`` (fp32) of each position's angles ``position * inv_freq``."""
+        if (positions.dtype != torch.long or not positions.is_contiguous() or inv_freq.dtype != torch.float32
+                or inv_freq.dim() != 1 or not inv_freq.is_contiguous()):
+            raise ValueError(f"bad native RoPE table call: positions {positions.dtype}, inv_freq {inv_freq.dtype}")
+        rows, half = positions.numel(), inv_freq.shape[0]
+        cos, sin = torch.empty(rows, half), torch.empty(rows, half)
+        invoke(self.lib.pf_rope_table, (positions.data_ptr(), rows, inv_freq.data_ptr(), half, cos.data_ptr(),
+                                        sin.data_ptr()))
+        return cos, sin
+
+    def rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+        """Rotate ``x`` ``[rows, heads, D]`` in place (transformers' ``rotate_half`` pairs);
+        rows may be strided (e.g. q and k next to each other in a qkv output)."""
+        rows, heads, d = x.shape
+        if (not self.elementwise_ok(x) or d % 2 or x.stride(2) != 1 or x.stride(1) != d
+                or cos.shape != (rows, d // 2) or sin.shape != cos.shape or cos.dtype != torch.float32
+                or not (cos.is_contiguous() and sin.is_contiguous())):
+            raise ValueError(f"bad native RoPE call: x {tuple(x.shape)} {x.dtype} strides {x.stride()}")
+        invoke(self.lib.pf_rope, (x.data_ptr(), rows, x.stride(0), heads, d, cos.data_ptr(), sin.data_ptr(),
+                                  int(x.dtype == torch.bfloat16), torch.get_num_threads()))
+
+    def silu_gate(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """``silu(gate) * up`` for ``gate_up`` ``[rows, 2I]`` (gate first): ``[rows, I]``."""
+        rows, width = gate_up.shape
+        if not self.elementwise_ok(gate_up) or width % 2 or not gate_up.is_contiguous():
+            raise ValueError(f"bad native SiLU-gate call: {tuple(gate_up.shape)} {gate_up.dtype}")
+        out = torch.empty(rows, width // 2, dtype=gate_up.dtype)
+        invoke(self.lib.pf_silu_gate, (gate_up.data_ptr(), rows, width // 2, out.data_ptr(),
+                                       int(gate_up.dtype == torch.bfloat16), torch.get_num_threads()))
         return out
 
     def argmax(self, x: torch.Tensor) -> list[int]:
@@ -216,8 +277,13 @@ def _declare(lib: ctypes.CDLL, path: Path) -> NativeKernels:
     lib.pf_pack.restype = None
     lib.pf_panel_width.restype = lib.pf_row_block.restype = ctypes.c_int
     lib.pf_decode_attention.argtypes = [ptr, ptr, ptr, long_, long_, ptr, ptr, ptr, long_, long_, long_, long_, long_,
-                                        ctypes.c_float, ptr, ctypes.c_int, ctypes.c_int]
+                                        long_, ctypes.c_float, ptr, ctypes.c_int, ctypes.c_int]
     lib.pf_decode_attention.restype = ctypes.c_int
+    lib.pf_rms_norm.argtypes = [ptr, long_, long_, ptr, ctypes.c_float, ptr, ctypes.c_int, ctypes.c_int]
+    lib.pf_rope_table.argtypes = [ptr, long_, ptr, long_, ptr, ptr]
+    lib.pf_rope.argtypes = [ptr, long_, long_, long_, long_, ptr, ptr, ctypes.c_int, ctypes.c_int]
+    lib.pf_silu_gate.argtypes = [ptr, long_, long_, ptr, ctypes.c_int, ctypes.c_int]
+    lib.pf_rms_norm.restype = lib.pf_rope_table.restype = lib.pf_rope.restype = lib.pf_silu_gate.restype = None
     lib.pf_argmax_rows.argtypes = [ptr, long_, long_, ptr, ctypes.c_int]
     lib.pf_argmax_rows.restype = None
     return NativeKernels(lib=lib, path=path, panel_width=lib.pf_panel_width(), row_block=lib.pf_row_block(),

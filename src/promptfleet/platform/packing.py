@@ -34,7 +34,11 @@ def prompt_done(seq: Sequence) -> bool:
     return seq.cached >= seq.n_prefix + len(seq.prompt_ids)
 
 
-def plan_step(running: list[Sequence], *, max_step_tokens: int, min_prompt_tokens: int = 16) -> list[Group]:
+MIN_PROMPT_TOKENS = 16  # prompt tokens a step takes however many rows decode
+
+
+def plan_step(running: list[Sequence], *, max_step_tokens: int,
+              min_prompt_tokens: int = MIN_PROMPT_TOKENS) -> list[Group]:
     """Groups for one step over ``running`` (in slot order): every decoding sequence, and
     prompt chunks within ``max_step_tokens`` minus the decode rows (at least
     ``min_prompt_tokens``, so prompts always progress)."""

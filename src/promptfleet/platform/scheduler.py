@@ -1,9 +1,11 @@
 """Continuous-batching scheduler: a bounded FIFO of waiting sequences, a running batch
-whose row i lives in KV slot i, and admission bounded by a KV token budget.
+whose row i lives in KV slot i, and admission bounded by the cache's slots.
 
-Admission reserves every token a sequence may ever hold (prefix + prompt + max_tokens),
-so a running sequence never has to be preempted; finished or cancelled sequences give
-their slot and reservation back at once, and the last running slot moves into the hole.
+The cache holds as many slots as its byte budget allows (``SlotKVCache.for_budget``), each
+``cache.max_len`` positions: admission gives a sequence a free slot, which holds every
+token it may ever have (prefix + prompt + max_tokens), so a running sequence never has to
+be preempted; a request longer than a slot is refused. Finished or cancelled sequences give
+their slot back at once, and the last running slot moves into the hole.
 """
 from __future__ import annotations
 
@@ -22,11 +24,11 @@ class RequestTooLargeError(ValueError):
 
 
 class Scheduler:
-    def __init__(self, cache: SlotKVCache, *, max_batch_size: int, budget_tokens: int, max_queue: int,
-                 max_model_len: int) -> None:
+    def __init__(self, cache: SlotKVCache, *, max_batch_size: int, max_queue: int, max_model_len: int) -> None:
         self.cache = cache
         self.max_batch_size = min(max_batch_size, cache.max_slots)
-        self.budget_tokens = budget_tokens
+        # what the cache allocated: every running sequence's tokens fit in it
+        self.budget_tokens = self.max_batch_size * cache.max_len
         self.max_queue = max_queue
         self.max_model_len = max_model_len
         self.waiting: deque[Sequence] = deque()
@@ -41,10 +43,10 @@ class Scheduler:
             raise RequestTooLargeError(
                 f"prompt of {len(seq.prompt_ids)} tokens (+{seq.n_prefix} virtual) leaves no room to generate "
                 f"within the context of {self.max_model_len} tokens")
-        if seq.reserved_tokens(self.max_model_len) > self.budget_tokens:
+        if seq.reserved_tokens(self.max_model_len) > self.cache.max_len:
             raise RequestTooLargeError(
-                f"request needs {seq.reserved_tokens(self.max_model_len)} KV tokens; the cache budget is "
-                f"{self.budget_tokens}")
+                f"request needs {seq.reserved_tokens(self.max_model_len)} KV tokens; the cache budget "
+                f"(kv_cache_bytes) holds {self.cache.max_len} per sequence")
 
     def add(self, seq: Sequence) -> None:
         self.check_fits(seq)

@@ -8,11 +8,12 @@
  * front to back once, all heads together: scores for every head from one pass over K,
  * a vectorised softmax, then one pass over V.
  *
- * q, k_new, v_new: B rows of [H][D], `row_stride` elements apart (they are usually views
- * into one fused qkv projection, so no copy is made); out: [B][H][D];
- * K, V: [slots][positions][H][D] (slot stride `slot_stride` elements);
+ * q: B rows of [H][D], k_new, v_new: B rows of [KVH][D], all `row_stride` elements apart
+ * (they are usually views into one fused qkv projection, so no copy is made); out: [B][H][D];
+ * K, V: [slots][positions][KVH][D] (slot stride `slot_stride` elements). Grouped-query
+ * attention: query head h reads key/value head h / (H / KVH) (KVH = H: one each);
  * row b uses slot `slot0 + b` and attends to its first lens[b] (>= 1) positions. When
- * k_new/v_new ([B][H][D]) are given, row b's are first written at position lens[b] - 1
+ * k_new/v_new are given, row b's are first written at position lens[b] - 1
  * (the decode step's own token), by the thread that then reads them.
  * D must be a multiple of 16. With `bf16`, every tensor holds bf16 (raw uint16 bits): K/V
  * are widened to fp32 as they stream in (half the bytes of an fp32 cache), q into a
@@ -31,16 +32,16 @@ static inline __m512 load16(const void *p, long i, int bf16) {
     return bf16 ? bf16x16_load_f32((const uint16_t *)p + i) : _mm512_loadu_ps((const float *)p + i);
 }
 
-static inline void one_row(const float *q, const void *K, const void *V, long len, long H, long D, float scale,
-                           float *s /* [H][lpad] */, long lpad, float *out, int bf16) {
-    long hd = H * D, row_bytes = hd * (bf16 ? 2 : 4);
+static inline void one_row(const float *q, const void *K, const void *V, long len, long H, long KVH, long D,
+                           float scale, float *s /* [H][lpad] */, long lpad, float *out, int bf16) {
+    long hd = H * D, kvd = KVH * D, group = H / KVH, row_bytes = kvd * (bf16 ? 2 : 4);
     /* scores: one pass over K, every head per position */
     for (long t = 0; t < len; t++) {
         if (t + 4 < len) _mm_prefetch((const char *)K + (t + 4) * row_bytes, _MM_HINT_T0);
         for (long h = 0; h < H; h++) {
             __m512 acc = _mm512_setzero_ps();
             for (long d = 0; d < D; d += 16)
-                acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + h * D + d), load16(K, t * hd + h * D + d, bf16), acc);
+                acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + h * D + d), load16(K, t * kvd + h / group * D + d, bf16), acc);
             s[h * lpad + t] = _mm512_reduce_add_ps(acc) * scale;
         }
     }
@@ -69,7 +70,7 @@ static inline void one_row(const float *q, const void *K, const void *V, long le
             __m512 p = _mm512_set1_ps(s[h * lpad + t]);
             for (long d = 0; d < D; d += 16) {
                 float *o = out + h * D + d;
-                _mm512_storeu_ps(o, _mm512_fmadd_ps(p, load16(V, t * hd + h * D + d, bf16), _mm512_loadu_ps(o)));
+                _mm512_storeu_ps(o, _mm512_fmadd_ps(p, load16(V, t * kvd + h / group * D + d, bf16), _mm512_loadu_ps(o)));
             }
         }
     }
@@ -81,12 +82,12 @@ static inline void one_row(const float *q, const void *K, const void *V, long le
 
 /* Returns 0, or -1 when a row's length is out of range or scratch memory is short. */
 int pf_decode_attention(const void *q, void *K, void *V, long slot_stride, long slot0, const int *lens,
-                        const void *k_new, const void *v_new, long row_stride, long B, long H, long D, long max_len,
-                        float scale, void *out, int bf16, int threads) {
-    if (D % 16) return -1;
+                        const void *k_new, const void *v_new, long row_stride, long B, long H, long KVH, long D,
+                        long max_len, float scale, void *out, int bf16, int threads) {
+    if (D % 16 || KVH < 1 || H % KVH) return -1;
     for (long b = 0; b < B; b++)
         if (lens[b] < 1 || lens[b] > max_len) return -1;
-    long lpad = (max_len + 15) / 16 * 16, hd = H * D, elem = bf16 ? 2 : 4;
+    long lpad = (max_len + 15) / 16 * 16, hd = H * D, kvd = KVH * D, elem = bf16 ? 2 : 4;
     int failed = 0;
 #pragma omp parallel num_threads(threads) reduction(| : failed)
     {
@@ -97,19 +98,19 @@ int pf_decode_attention(const void *q, void *K, void *V, long slot_stride, long 
         for (long b = 0; b < B; b++) {
             char *Kb = (char *)K + (slot0 + b) * slot_stride * elem, *Vb = (char *)V + (slot0 + b) * slot_stride * elem;
             if (k_new && v_new) {
-                memcpy(Kb + (lens[b] - 1) * hd * elem, (const char *)k_new + b * row_stride * elem, (size_t)(hd * elem));
-                memcpy(Vb + (lens[b] - 1) * hd * elem, (const char *)v_new + b * row_stride * elem, (size_t)(hd * elem));
+                memcpy(Kb + (lens[b] - 1) * kvd * elem, (const char *)k_new + b * row_stride * elem, (size_t)(kvd * elem));
+                memcpy(Vb + (lens[b] - 1) * kvd * elem, (const char *)v_new + b * row_stride * elem, (size_t)(kvd * elem));
             }
             if (!s) continue;
             if (!bf16) {
-                one_row((const float *)q + b * row_stride, Kb, Vb, lens[b], H, D, scale, s, lpad,
+                one_row((const float *)q + b * row_stride, Kb, Vb, lens[b], H, KVH, D, scale, s, lpad,
                         (float *)out + b * hd, 0);
                 continue;
             }
             float *qf = s + H * lpad, *of = qf + hd;
             const uint16_t *qb = (const uint16_t *)q + b * row_stride;
             for (long i = 0; i < hd; i += 16) _mm512_storeu_ps(qf + i, bf16x16_load_f32(qb + i));
-            one_row(qf, Kb, Vb, lens[b], H, D, scale, s, lpad, of, 1);
+            one_row(qf, Kb, Vb, lens[b], H, KVH, D, scale, s, lpad, of, 1);
             uint16_t *ob = (uint16_t *)out + b * hd;
             for (long i = 0; i < hd; i += 16) _mm256_storeu_si256((__m256i *)(ob + i), f32x16_to_bf16(_mm512_loadu_ps(of + i)));
         }
