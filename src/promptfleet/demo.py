@@ -26,6 +26,7 @@ import httpx
 
 from promptfleet.client import PromptFleetClient
 from promptfleet.platform.random_checkpoint import make_random_checkpoint
+from promptfleet.testing.peft import make_peft_adapter
 from promptfleet.trainer.watch import watch_job
 
 log = logging.getLogger("promptfleet.demo")
@@ -41,21 +42,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def make_peft_adapter(checkpoint: Path, out: Path, *, n_virtual: int = 10, seed: int = 7) -> Path:
-    """A prompt-tuning adapter made and saved by PEFT itself (what a tenant would upload)."""
-    import torch
-    from peft import PromptTuningConfig, PromptTuningInit, get_peft_model
-    from transformers import GPT2LMHeadModel
-
-    torch.manual_seed(seed)
-    base = GPT2LMHeadModel.from_pretrained(checkpoint)
-    cfg = PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=n_virtual,
-                             prompt_tuning_init=PromptTuningInit.TEXT, prompt_tuning_init_text="Answer politely:",
-                             tokenizer_name_or_path=str(checkpoint))
-    get_peft_model(base, cfg).save_pretrained(out)
-    return out
 
 
 def write_dataset(path: Path, n: int = 32) -> Path:
@@ -176,7 +162,9 @@ def run_demo(*, workdir: Path | None = None, port: int = 0, burst: int = 24) -> 
         globex = admin.create_tenant("globex")
         a, b = PromptFleetClient(base_url, acme["api_key"]), PromptFleetClient(base_url, globex["api_key"])
         _say("tenant acme uploads a PEFT prompt-tuning adapter 'polite'")
-        uploaded = a.push_adapter("polite", make_peft_adapter(ckpt, root / "polite-adapter"))
+        polite = make_peft_adapter(ckpt, root / "polite-adapter", "prompt_tuning", 10, seed=7,
+                                   init_text="Answer politely:")  # what a tenant would upload
+        uploaded = a.push_adapter("polite", polite)
         _say(f"  -> polite@{uploaded['version']} ({uploaded['peft_type']}, {uploaded['num_virtual_tokens']} "
              f"virtual tokens, sha256 {uploaded['sha256'][:12]})")
         _say("tenant globex uploads a dataset and trains a prompt-tuning adapter 'support'")
