@@ -2,13 +2,11 @@
 blobs and stored prefixes: what goes, what stays, and the guards against a racing upload."""
 from __future__ import annotations
 
-import io
 import json
 import os
 import subprocess
 import sys
 import time
-import zipfile
 from pathlib import Path
 
 import pytest
@@ -16,6 +14,7 @@ import pytest
 from promptfleet.adapters.prefix_store import PrefixStore
 from promptfleet.adapters.service import cache_key, delete_adapter, import_adapter
 from promptfleet.adapters.storage import LocalBlobStorage
+from promptfleet.client import zip_directory
 from promptfleet.db import session_scope
 from promptfleet.platform.adapter import build_prefix, load_adapter_dir
 from promptfleet.platform.config import ModelConfig
@@ -25,14 +24,6 @@ from promptfleet.tenants.service import create_tenant
 from promptfleet.testing import make_peft_adapter
 
 HOUR = 3600.0
-
-
-def _zip(folder: Path) -> bytes:
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w") as zf:
-        for f in sorted(folder.iterdir()):
-            zf.write(f, f.name)
-    return buf.getvalue()
 
 
 def _age(path: Path, seconds: float = 2 * HOUR) -> None:
@@ -55,7 +46,7 @@ def stored(session_factory, tiny_checkpoint, tmp_path):
     with session_scope(session_factory) as session:
         tenant, _ = create_tenant(session, name="gc-tenant")
         for name, folder in (("keep", folders["keep"]), ("drop", folders["drop"]), ("twin", folders["keep"])):
-            row = import_adapter(session, storage=storage, tenant_id=tenant.id, name=name, archive=_zip(folder),
+            row = import_adapter(session, storage=storage, tenant_id=tenant.id, name=name, archive=zip_directory(folder),
                                  model_config=cfg)
             versions[name] = (row.sha256, cache_key(row))
             prefixes.save(build_prefix(model, load_adapter_dir(folder), cache_key(row)))

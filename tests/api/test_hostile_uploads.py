@@ -3,16 +3,15 @@ body, and leaves no row and no blob (the archive and dataset readers' own bounds
 measured in tests/adapters/test_archive_bounds.py and tests/trainer/test_dataset_bounds.py)."""
 from __future__ import annotations
 
-import io
 import json
 import struct
 import tarfile
-import zipfile
 import zlib
 
 import pytest
 
 from promptfleet.testing import api_error
+from promptfleet.testing.archives import zip_bytes
 
 
 def zip64_bomb(files: dict[str, bytes], *, claimed: int = 600_000) -> bytes:
@@ -52,14 +51,6 @@ def tar_gz_bomb(config: bytes, *, size: int = 256 << 20) -> bytes:
     return b"".join([b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x02\xff", deflate.compress(head),
                      deflate.flush(zlib.Z_FULL_FLUSH), zero_mib * (size >> 20), deflate.compress(bytes(1024)),
                      deflate.flush(), struct.pack("<2L", crc, (len(head) + size + 1024) & 0xFFFFFFFF)])
-
-
-def zip_bytes(files: dict[str, bytes]) -> bytes:
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
-        for name, data in files.items():
-            zf.writestr(name, data)
-    return buf.getvalue()
 
 
 def _adapter_files(peft_dirs) -> dict[str, bytes]:

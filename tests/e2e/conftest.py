@@ -71,16 +71,6 @@ def stack_factory(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactor
                     pass
 
 
-@pytest.fixture
-def pg_url() -> Iterator[str]:
-    """A fresh, empty PostgreSQL database (dropped afterwards)."""
-    dbs = PgDatabases(prefix="pf_e2e")
-    try:
-        yield dbs.create()
-    finally:
-        dbs.drop_all()
-
-
 @pytest.fixture(scope="module")
 def pg_proxy() -> Iterator[TcpProxy]:
     require_postgres()

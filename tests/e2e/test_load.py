@@ -25,9 +25,9 @@ pytestmark = [pytest.mark.postgres, pytest.mark.slow]
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "load_test.py"
 
 
-def test_short_load_run_is_correct_and_steady(pg_url, tmp_path):
+def test_short_load_run_is_correct_and_steady(postgres_db_url, tmp_path):
     cmd = [sys.executable, str(SCRIPT), "--clients", "40", "--duration", "10", "--warmup", "2", "--adapters", "20",
-           "--tenants", "2", "--prompts", "4", "--max-tokens", "12", "--shape", "tiny", "--database-url", pg_url,
+           "--tenants", "2", "--prompts", "4", "--max-tokens", "12", "--shape", "tiny", "--database-url", postgres_db_url,
            "--keep", str(tmp_path / "run")]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
