@@ -192,16 +192,26 @@ def dataset_push(path: Path, url: str = URL, key: Optional[str] = KEY) -> None:
 
 @job_app.command("submit")
 def job_submit(adapter_name: str = typer.Option(...), dataset_id: str = typer.Option(...),
-               method: str = "prompt_tuning", num_virtual_tokens: int = 8, epochs: int = 3,
-               learning_rate: float = 3e-2, batch_size: int = 8, seed: int = 0,
-               init_text: Optional[str] = None, watch: bool = typer.Option(False, help="Then watch it."),
+               method: str = typer.Option("prompt_tuning", help="prompt_tuning | p_tuning | prefix_tuning"),
+               num_virtual_tokens: Optional[int] = None, epochs: Optional[int] = None,
+               learning_rate: Optional[float] = typer.Option(None, help="Default: the method's."),
+               batch_size: Optional[int] = None, seed: int = 0, init_text: Optional[str] = None,
+               validation_fraction: Optional[float] = typer.Option(
+                   None, help="Held out for validation (default 0.1 from 20 examples up)."),
+               validation_dataset_id: Optional[str] = typer.Option(None, help="Validate on this dataset instead."),
+               early_stopping_patience: Optional[int] = typer.Option(
+                   None, help="Stop after this many epochs without a lower validation loss."),
+               watch: bool = typer.Option(False, help="Then watch it."),
                url: str = URL, key: Optional[str] = KEY) -> None:
-    """Queue a training job."""
-    body = dict(adapter_name=adapter_name, dataset_id=dataset_id, method=method,
-                num_virtual_tokens=num_virtual_tokens, epochs=epochs, learning_rate=learning_rate,
-                batch_size=batch_size, seed=seed)
-    if init_text:
-        body["init_text"] = init_text
+    """Queue a training job; unset options take the server's defaults."""
+    body = dict(adapter_name=adapter_name, dataset_id=dataset_id, method=method, seed=seed)
+    for name, value in [("num_virtual_tokens", num_virtual_tokens), ("epochs", epochs),
+                        ("learning_rate", learning_rate), ("batch_size", batch_size), ("init_text", init_text),
+                        ("validation_fraction", validation_fraction),
+                        ("validation_dataset_id", validation_dataset_id),
+                        ("early_stopping_patience", early_stopping_patience)]:
+        if value is not None:
+            body[name] = value
     job = _run(lambda: _client(url, key).submit_job(body))
     _print(job)
     if watch:
@@ -228,12 +238,13 @@ def job_cancel(job_id: str, url: str = URL, key: Optional[str] = KEY) -> None:
 # ---------------------------------------------------------------- bench and demo
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def bench(ctx: typer.Context, which: str = typer.Argument(
-        "engine", help="engine | registry | http | train | load | isolation | storage")) -> None:
+        "engine", help="engine | registry | http | train | load | isolation | storage | quality")) -> None:
     """Run a benchmark script; extra arguments go to it (see --help of each)."""
     import importlib
 
     modules = {"engine": "engine_bench", "registry": "registry_bench", "http": "http_bench", "train": "train_bench",
-               "load": "load_bench", "isolation": "isolation_bench", "storage": "storage_bench"}
+               "load": "load_bench", "isolation": "isolation_bench", "storage": "storage_bench",
+               "quality": "quality_bench"}
     if which not in modules:
         _fail(f"unknown benchmark {which!r}; choose from {', '.join(modules)}")
     importlib.import_module(f"promptfleet.bench.{modules[which]}").main(list(ctx.args))
