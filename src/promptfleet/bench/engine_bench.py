@@ -1,11 +1,15 @@
-"""Engine benchmark (issue 2): mixed adapters vs one adapter vs PEFT one at a time.
+"""Engine benchmark (issues 2, 13): mixed adapters vs one adapter vs PEFT one at a time, and
+transformers' own continuous batching.
 
-Measured side by side in one run on one machine, GPT-2-small shape, random weights:
+Measured side by side in one run on one machine, GPT-2-small shape with random weights by
+default, or ``--model`` (a checkpoint dir, a .gguf, or ``smollm2-135m``, the real SmolLM2):
   (a) our engine, N concurrent requests over N different prompt-tuning adapters
   (b) the same N requests all on one adapter
   (c) transformers + PEFT ``PeftModel.generate``, one request at a time, switching adapters
   (d) this machine's measured matmul peak for the dtype (the best of several samples
       taken between the rounds)
+  (e) transformers' continuous batching (``model.generate_batch``, transformers 5) on the
+      same model and the same requests, without adapters (``--skip-peer`` to leave out)
 and reports tokens/s, ratios, and decode model-FLOPs utilisation. ``--compare-kernels
 onednn,sdpa`` also runs (a) on a second engine with those linear kernels and attention,
 alternating with the first, and reports its decode step: a kernel change measured side
@@ -17,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import logging
 import tempfile
 import time
@@ -24,21 +29,32 @@ from pathlib import Path
 
 import torch
 from peft import PeftModel, PromptTuningConfig, get_peft_model
-from transformers import GPT2LMHeadModel
+from transformers import AutoModelForCausalLM, GenerationConfig, PreTrainedModel
 
 from promptfleet.bench.common import bench_checkpoint, emit, matmul_peak_flops
 from promptfleet.platform.adapter import load_adapter_dir
 from promptfleet.platform.config import EngineConfig, RepetitionConfig
 from promptfleet.platform.engine import Engine
 from promptfleet.platform.sampling import SamplingParams
+from promptfleet.platform.weights import resolve_checkpoint
 
 log = logging.getLogger("promptfleet.bench.engine")
+
+
+@functools.lru_cache(maxsize=1)
+def load_hf(checkpoint: Path) -> PreTrainedModel:
+    """transformers' own model of the checkpoint (a dir, or a GGUF file dequantized to fp32;
+    loaded once: prompt tuning wraps it without changing its weights)."""
+    if checkpoint.suffix == ".gguf":
+        return AutoModelForCausalLM.from_pretrained(checkpoint.parent, gguf_file=checkpoint.name,
+                                                    dtype=torch.float32).eval()
+    return AutoModelForCausalLM.from_pretrained(checkpoint).eval()
 
 
 def make_adapters(checkpoint: Path, out: Path, count: int, n_virtual: int, seed: int) -> list[Path]:
     """``count`` PEFT prompt-tuning adapters, saved by PEFT itself."""
     torch.manual_seed(seed)
-    base = GPT2LMHeadModel.from_pretrained(checkpoint)
+    base = load_hf(checkpoint)
     cfg = PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=n_virtual)
     model = get_peft_model(base, cfg, adapter_name="a0")
     for i in range(1, count):
@@ -69,8 +85,22 @@ def run_a(engine: Engine, prompts: list[list[int]], adapters: list[str], new_tok
     decode.append((s1.decode_seconds - s0.decode_seconds, s1.decode_row_tokens - s0.decode_row_tokens))
 
 
+def run_hf_continuous_batching(model: PreTrainedModel, prompts: list[list[int]], new_tokens: int) -> float:
+    """(e) transformers' continuous batching over the same requests (no adapters: it has
+    none), greedy, every request ``new_tokens`` long; a short warm-up call first."""
+    cfg = GenerationConfig(max_new_tokens=new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0)
+    with torch.inference_mode():
+        model.generate_batch(prompts[:2], generation_config=GenerationConfig(
+            max_new_tokens=2, do_sample=False, eos_token_id=None, pad_token_id=0))
+        t0 = time.perf_counter()
+        out = model.generate_batch(prompts, generation_config=cfg)
+        wall = time.perf_counter() - t0
+    assert len(out) == len(prompts) and all(len(o.generated_tokens) == new_tokens for o in out.values())
+    return wall
+
+
 def load_peft(checkpoint: Path, adapter_dirs: list[Path]) -> PeftModel:
-    base = GPT2LMHeadModel.from_pretrained(checkpoint).eval()
+    base = load_hf(checkpoint)
     model = PeftModel.from_pretrained(base, adapter_dirs[0], adapter_name="a0").eval()
     for i, d in enumerate(adapter_dirs[1:], start=1):
         model.load_adapter(d, adapter_name=f"a{i}")
@@ -88,7 +118,7 @@ def run_peft_generate(model: PeftModel, n_adapters: int, prompts: list[list[int]
         ids = torch.tensor([p])
         with torch.inference_mode():
             out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                                 min_new_tokens=new_tokens, do_sample=False, pad_token_id=50256, use_cache=False)
+                                 min_new_tokens=new_tokens, do_sample=False, pad_token_id=0, use_cache=False)
         assert out.shape[1] - len(p) == new_tokens
     return time.perf_counter() - t0
 
@@ -105,14 +135,17 @@ def run_hf_soft_prompt(model: PeftModel, n_adapters: int, prompts: list[list[int
             embeds = torch.cat([soft, wte(torch.tensor(p))])[None]
             out = base.generate(inputs_embeds=embeds, attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long),
                                 max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                                pad_token_id=50256)
+                                pad_token_id=0)
         assert out.shape[1] == new_tokens
     return time.perf_counter() - t0
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", help="checkpoint dir (default: seeded random GPT-2-small shape)")
+    ap.add_argument("--model", help="checkpoint dir, .gguf or smollm2-135m (default: seeded random GPT-2-small shape)")
+    ap.add_argument("--max-model-len", type=int, default=256,
+                    help="the engine's context (its KV slots are this long; the budget holds more of shorter ones)")
+    ap.add_argument("--skip-peer", action="store_true", help="skip (e), transformers' continuous batching")
     ap.add_argument("--requests", type=int, default=32)
     ap.add_argument("--prompt-tokens", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=64)
@@ -130,17 +163,19 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
-    ckpt = bench_checkpoint(args.model)
+    ckpt = resolve_checkpoint(args.model) if args.model else bench_checkpoint(None)
     n, new = args.requests, args.new_tokens
-    gen = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(0, 50000, (args.prompt_tokens,), generator=gen).tolist() for _ in range(n)]
 
     def make_engine(linear_kernels: str, attention: str) -> Engine:
         return Engine.from_pretrained(ckpt, EngineConfig(
             device=args.device, dtype=args.dtype, max_batch_size=max(64, n), attention=attention,
-            linear_kernels=linear_kernels, repetition=RepetitionConfig(enabled=False)))
+            max_model_len=args.max_model_len, linear_kernels=linear_kernels,
+            repetition=RepetitionConfig(enabled=False)))
 
     engine = make_engine(args.linear_kernels, args.attention)
+    gen = torch.Generator().manual_seed(0)
+    vocab = min(50000, engine.model_config.vocab_size)
+    prompts = [torch.randint(0, vocab, (args.prompt_tokens,), generator=gen).tolist() for _ in range(n)]
     other = make_engine(*args.compare_kernels.split(",", 1)) if args.compare_kernels else None
     with tempfile.TemporaryDirectory() as tmp:
         dirs = make_adapters(ckpt, Path(tmp) / "adapters", n, args.virtual_tokens, seed=1)
@@ -171,6 +206,8 @@ def main(argv: list[str] | None = None) -> None:
             k = max(1, min(args.peft_requests, n))
             wall_c = run_peft_generate(peft_model, n, prompts[:k], new) * n / k
             wall_c2 = run_hf_soft_prompt(peft_model, n, prompts, new)
+            del peft_model
+        wall_e = None if args.skip_peer else run_hf_continuous_batching(load_hf(ckpt), prompts, new)
     cfg = engine.model_config
     dtype = engine.dtype
     peaks.append(matmul_peak_flops(dtype, args.device))
@@ -183,7 +220,8 @@ def main(argv: list[str] | None = None) -> None:
     result = {
         "bench": "engine", "device": args.device, "dtype": str(dtype).replace("torch.", ""),
         "attention": engine.attention_backend, "threads": torch.get_num_threads(),
-        "model": f"gpt2 L{cfg.n_layer} d{cfg.n_embd} (random weights)", "requests": n,
+        "model": (f"{cfg.family} L{cfg.n_layer} d{cfg.n_embd} heads {cfg.n_head}/{cfg.n_kv_head} "
+                  f"({ckpt.name if args.model else 'random weights'})"), "requests": n,
         "prompt_tokens": args.prompt_tokens, "new_tokens": new, "virtual_tokens": args.virtual_tokens,
         "a_mixed_adapters_tok_s": round(tok / wall_a, 1),
         "b_one_adapter_tok_s": round(tok / wall_b, 1),
@@ -192,6 +230,8 @@ def main(argv: list[str] | None = None) -> None:
         "a_over_c": None if wall_c is None else round(wall_c / wall_a, 2),
         "a_over_c2": None if wall_c2 is None else round(wall_c2 / wall_a, 2),
         "a_over_b": round(wall_b / wall_a, 3),
+        "e_hf_continuous_batching_tok_s": None if wall_e is None else round(tok / wall_e, 1),
+        "a_over_e": None if wall_e is None else round(wall_e / wall_a, 2),
         "linear_kernels": engine.model.linear_kernels,
         "d_matmul_peak_gflops": round(peak / 1e9, 1),
         "d_peak_by_kernel_gflops": {k: round(v / 1e9, 1) for k, v in best.items() if k != "peak"},
