@@ -209,3 +209,19 @@ async def test_p_tuning_adapter_serves_as_peft_computes_it(llama_checkpoint, tmp
         assert got.token_ids == full_forward_greedy(peft_model, tok.encode(prompt), 6, 50256), prompt
         changed += got.token_ids != full_forward_greedy(base, tok.encode(prompt), 6, 50256)
     assert changed  # the adapter changes the answers, so equality shows the engine applies it
+
+
+def test_the_training_process_reports_each_epoch(tiny_checkpoint):
+    """The embedded worker's child process sends the zero-shot and per-epoch evaluations
+    over its pipe as they happen, and the validation dataset travels with the job."""
+    from promptfleet.trainer.isolated import Isolation, train_in_child
+
+    cfg = TrainConfig(model_path=str(tiny_checkpoint), method="prefix_tuning", num_virtual_tokens=4, epochs=2,
+                      learning_rate=0.3, batch_size=4, seed=1)
+    seen: list[dict] = []
+    result = train_in_child(cfg, jsonl(8, " yes"), max_example_tokens=64, isolation=Isolation(threads=1),
+                            validation_data=jsonl(3, " yes", seed=5), on_total=lambda total: None,
+                            progress=lambda *a: None, on_epoch=seen.append, should_cancel=lambda: False)
+    m = result.metrics
+    assert [e["epoch"] for e in seen] == [0, 1, 2] and m["validation_examples"] == 3
+    assert seen[1:] == m["epochs"] and seen[0]["val_loss"] == m["zero_shot"]["val_loss"]

@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from promptfleet.trainer.batches import collate
 from promptfleet.trainer.datasets import Example
 
 log = logging.getLogger(__name__)
@@ -136,8 +137,6 @@ def greedy_batch(model: Any, prompts: Sequence[Sequence[int]], *, max_new_tokens
 def completion_loss(model: Any, examples: Sequence[Example], *, pad_id: int,
                     batch_size: int = EVAL_BATCH_SIZE) -> float:
     """Mean cross-entropy per completion token, teacher-forced, as training computes it."""
-    from promptfleet.trainer.train import collate
-
     device = next(_base(model).parameters()).device
     total, count = 0.0, 0
     for start in range(0, len(examples), batch_size):
