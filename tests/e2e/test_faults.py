@@ -86,6 +86,9 @@ def test_worker_sigkill_mid_training_then_a_new_worker_finishes_the_job_once(sta
 
 
 # --------------------------------------------------------------------------- API restart under load
+SUCCESS = (("complete", 200), ("stream", 200), ("upload", 201))
+
+
 @dataclass
 class Outcome:
     at: float
@@ -159,6 +162,15 @@ class Load:
             with self._lock:
                 self.jobs.append(r.json()["id"])
 
+    def succeeded(self, kind: str, status: int, after: float) -> bool:
+        with self._lock:
+            return any(o.kind == kind and o.status == status and o.at > after for o in self.outcomes)
+
+    def wait_successes(self, *, after: float, what: str, logs) -> None:
+        """Wait until a completion, a stream and an upload each succeeded after ``after``."""
+        wait_for(lambda: all(self.succeeded(kind, ok, after) for kind, ok in SUCCESS), timeout=240, interval=0.2,
+                 what=what, on_timeout=lambda: f"{Counter((o.kind, o.status) for o in self.outcomes)}\n{logs()}")
+
     def start(self) -> "Load":
         for t in self._threads:
             t.start()
@@ -191,14 +203,16 @@ def test_api_restart_under_load_loses_nothing_accepted(stack, jsonl, tiny_checkp
 
     load = Load(stack, keys, archive, dataset_id).start()
     try:
-        time.sleep(1.5)
+        # the load has succeeded at every kind of request before the restart ...
+        load.wait_successes(after=0.0, what="a success of each kind before the restart", logs=stack.logs)
         old_pid = stack.server.pid
         stack.stop_server()          # SIGTERM: graceful; in-flight requests finish
         stopped_at = time.monotonic()
         stack.start_server()         # same port, same database and data dir
         ready_at = time.monotonic()
         assert stack.server.pid != old_pid
-        time.sleep(2.0)
+        # ... and again after it (however long a loaded machine takes), not after a fixed sleep
+        load.wait_successes(after=ready_at, what="a success of each kind after the restart", logs=stack.logs)
     finally:
         load.stop()
 
@@ -209,7 +223,7 @@ def test_api_restart_under_load_loses_nothing_accepted(stack, jsonl, tiny_checkp
     assert not bad, bad[:5]
     assert all(o.complete for o in outcomes), [o for o in outcomes if not o.complete][:5]
     assert any(o.status == 0 for o in outcomes if o.at >= stopped_at), statuses  # the outage was seen
-    for kind, ok in (("complete", 200), ("stream", 200), ("upload", 201)):
+    for kind, ok in SUCCESS:
         assert any(o.kind == kind and o.status == ok and o.at < stopped_at for o in outcomes), statuses
         assert any(o.kind == kind and o.status == ok and o.at > ready_at for o in outcomes), statuses
     assert "Traceback" not in stack.server.log()
