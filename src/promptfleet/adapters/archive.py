@@ -27,7 +27,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-import math
 import re
 import stat
 import struct
@@ -39,6 +38,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from promptfleet.platform.adapter import MAX_VIRTUAL_TOKENS, PEFT_TYPES
+from promptfleet.strict_json import strict_loads
 
 log = logging.getLogger(__name__)
 
@@ -132,17 +132,6 @@ def _is_adapter_file(parts: tuple[str, ...], name: str) -> bool:
 
 # --- adapter_config.json: strict JSON, and what the weights it declares can need ----------
 
-def _no_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not valid JSON")
-
-
-def _finite_float(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):
-        raise ValueError(f"number {text[:32]}{'...' if len(text) > 32 else ''} is out of range")
-    return value
-
-
 def strict_json_loads(data: bytes, *, what: str) -> Any:
     """Parse JSON from an upload: UTF-8 only, no NaN/Infinity, no number that overflows,
     and every parser failure (deep nesting, a 5000-digit integer) an ``ArchiveError``."""
@@ -151,7 +140,7 @@ def strict_json_loads(data: bytes, *, what: str) -> Any:
     except UnicodeDecodeError as exc:
         raise ArchiveError(f"{what} is not valid JSON: not UTF-8 (byte offset {exc.start})") from None
     try:
-        return json.loads(text, parse_constant=_no_constant, parse_float=_finite_float)
+        return strict_loads(text)
     except json.JSONDecodeError as exc:
         raise ArchiveError(f"{what} is not valid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})") from None
     except RecursionError:

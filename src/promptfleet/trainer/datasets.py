@@ -12,10 +12,11 @@ in milliseconds, never a crash or a tokenizer run over megabytes.
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
+
+from promptfleet.strict_json import strict_loads
 
 MAX_LINE_REASON = 200
 DEFAULT_MAX_LINE_BYTES = 64 << 10
@@ -69,22 +70,11 @@ def _field(obj: dict, name: str, line: int) -> str:
     return value
 
 
-def _no_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not valid JSON")
-
-
-def _finite_float(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):
-        raise ValueError(f"number {text[:32]}{'...' if len(text) > 32 else ''} is out of range")
-    return value
-
-
 def _loads(text: str, line: int) -> Any:
     """Strict JSON: no NaN/Infinity or overflowing numbers; every parser failure (deep
     nesting, an integer over Python's 4300-digit limit) a ``DatasetError``."""
     try:
-        return json.loads(text, parse_constant=_no_constant, parse_float=_finite_float)
+        return strict_loads(text)
     except json.JSONDecodeError as exc:
         raise DatasetError(line, f"invalid JSON: {exc.msg} (column {exc.colno})") from None
     except RecursionError:
