@@ -39,7 +39,9 @@ def _params(i: int, max_tokens: int) -> SamplingParams:
 def llama_setup(tmp_path_factory):
     """A small random Llama (grouped-query, head_dim 32) and PEFT adapters made on it."""
     root = tmp_path_factory.mktemp("isolation-llama")
-    base = make_random_llama_checkpoint(root / "base", shape="llama-small-test", seed=31, scale=6.0)
+    # untied head: the poison below (one token's input embedding) must not reach the logits
+    base = make_random_llama_checkpoint(root / "base", shape="llama-small-test", seed=31, scale=6.0,
+                                        tie_word_embeddings=False)
     specs = {"pt_a": ("prompt_tuning", 7, 1), "prefix": ("prefix_tuning", 6, 4), "ptune": ("p_tuning", 5, 3)}
     return base, {name: make_peft_adapter(base, root / name, m, n, s) for name, (m, n, s) in specs.items()}
 
@@ -83,31 +85,61 @@ async def _together(engine: Engine, reqs, victim=None):
     return await asyncio.gather(*tasks)
 
 
+class _Poison:
+    """Make one row go non-finite mid-decode, on a path only the victim takes.
+
+    GPT-2: a NaN position embedding at ``POISON``, a position only the victim reaches.
+    Llama (RoPE, no position table): a NaN input embedding for a token the victim
+    generates ~10 tokens in and that no bystander reads or writes (the Llama fixture's
+    head is untied, so the logits every row scores stay finite)."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.positional = hasattr(engine.model, "wpe")
+        self.table = engine.model.wpe.weight if self.positional else engine.model.wte.weight
+        self.row: int | None = None
+        self.clean: torch.Tensor | None = None
+
+    async def arm(self, victim, bystanders) -> None:
+        if self.positional:
+            row = POISON
+        else:
+            seen = {t for ids, _, _ in bystanders for t in ids}
+            seen |= {t for out in await _alone(self.engine, bystanders) for t in out}
+            own = (await _alone(self.engine, [victim]))[0]
+            row = next(t for i, t in enumerate(own) if i >= 8 and t not in seen
+                       and t not in victim[0] and t not in own[:i])
+        self.row, self.clean = row, self.table[row].clone()
+        with torch.no_grad():
+            self.table[row] = float("nan")
+
+    def disarm(self) -> None:
+        if self.row is not None:
+            with torch.no_grad():
+                self.table[self.row] = self.clean
+            self.row = None
+
+
 async def test_row_going_non_finite_mid_batch_fails_alone(engine):
-    if not hasattr(engine.model, "wpe"):
-        pytest.skip("the poison is a position embedding; a Llama has none (RoPE)")
     short = (_ids(7, 6), None, _params(0, 30))
     long = (_ids(8, 70), "pt_a", _params(2, 30))
     want = await _alone(engine, [short, long])  # before any slot is poisoned
-    wpe = engine.model.wpe.weight
-    clean = wpe[POISON].clone()
-    with torch.no_grad():
-        wpe[POISON] = float("nan")
     reqs = _bystanders()
-    alone = await _alone(engine, reqs)
-    # the victim reaches POISON after ~10 generated tokens, while every bystander still runs
+    poison = _Poison(engine)
+    # the victim reaches the poison after ~10 generated tokens, while every bystander still runs
     for victim_params in (SamplingParams(max_tokens=40, temperature=0.0, detect_repetition=False),
                           SamplingParams(max_tokens=40, temperature=0.8, seed=7, detect_repetition=False)):
         victim = (_ids(99, 50), None, victim_params)
+        await poison.arm(victim, reqs)
+        alone = await _alone(engine, reqs)  # poisoned: the bystanders never touch the poison
         got = await _together(engine, reqs, victim)
+        poison.disarm()
         err = got[0]
         assert isinstance(err, RequestFailedError) and err.code == "numerical_error", err
         assert "nan" in str(err).lower() and "no other request" in str(err)
         assert got[1:] == alone
-    # the victim's slot held NaN keys/values past POISON; with the embedding clean again, a
-    # short request in that slot decodes beside a long one (which reads keys past POISON)
-    with torch.no_grad():
-        wpe[POISON] = clean
+    # the victim's slot held NaN keys/values past the poison; with the table clean again, a
+    # short request in that slot decodes beside a long one (which reads keys that far in)
     assert await _together(engine, [long], short) == want  # short first: slot 0, the victim's
     assert engine.stats().running == 0 and engine.stats().kv_reserved_tokens == 0
 
