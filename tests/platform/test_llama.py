@@ -24,6 +24,7 @@ from promptfleet.platform.native_kernels import unavailable_for
 from promptfleet.platform.random_checkpoint import make_random_llama_checkpoint
 from promptfleet.platform.sampling import SamplingParams
 from promptfleet.platform.weights import load_llama, load_model, resolve_checkpoint
+from promptfleet.testing.gguf import write_llama_gguf
 
 log = logging.getLogger(__name__)
 
@@ -245,55 +246,6 @@ def test_config_refuses_what_we_cannot_serve(raw, match):
 
 # ---------------------------------------------------------------- GGUF
 
-def _write_gguf(path, ckpt, cfg: ModelConfig, dtype) -> None:
-    """A llama.cpp-style GGUF of a transformers checkpoint: q/k rows permuted as
-    ``convert_hf_to_gguf.py`` does, tensors in ``dtype`` (numpy)."""
-    gguf = pytest.importorskip("gguf")
-    import numpy as np
-    from safetensors.torch import load_file
-
-    state = load_file(str(ckpt / "model.safetensors"))
-
-    def permute(w: np.ndarray, heads: int) -> np.ndarray:  # llama.cpp's LlamaModel.permute
-        return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-    writer = gguf.GGUFWriter(str(path), "llama")
-    writer.add_block_count(cfg.n_layer)
-    writer.add_context_length(cfg.n_positions)
-    writer.add_embedding_length(cfg.n_embd)
-    writer.add_feed_forward_length(cfg.intermediate_size)
-    writer.add_head_count(cfg.n_head)
-    writer.add_head_count_kv(cfg.n_kv_head)
-    writer.add_rope_freq_base(cfg.rope_theta)
-    writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-    writer.add_vocab_size(cfg.vocab_size)
-    writer.add_rope_dimension_count(cfg.head_dim)
-    names = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-             "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-             "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
-    for key, tensor in state.items():
-        w = tensor.float().numpy()
-        if key == "model.embed_tokens.weight":
-            name = "token_embd.weight"
-        elif key == "model.norm.weight":
-            name = "output_norm.weight"
-        elif key == "lm_head.weight":
-            name = "output.weight"
-        else:
-            _, _, layer, *rest = key.split(".")
-            module = ".".join(rest[:-1])
-            name = f"blk.{layer}.{names[module]}.weight"
-            if module == "self_attn.q_proj":
-                w = permute(w, cfg.n_head)
-            elif module == "self_attn.k_proj":
-                w = permute(w, cfg.n_kv_head)
-        writer.add_tensor(name, w.astype(np.float32 if w.ndim == 1 else dtype))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-
-
 @pytest.mark.parametrize("variant", ["gqa-tied", "mha-untied"])
 def test_gguf_file_loads_like_its_safetensors(tmp_path, variant_checkpoints, variant):
     """A GGUF written the llama.cpp way (q/k rows permuted for its RoPE, fp32) loads into the
@@ -302,8 +254,7 @@ def test_gguf_file_loads_like_its_safetensors(tmp_path, variant_checkpoints, var
 
     ckpt = variant_checkpoints[variant]
     ref = load_llama(ckpt, linear_kernels="torch")
-    path = tmp_path / "model.gguf"
-    _write_gguf(path, ckpt, ref.config, np.float32)
+    path = write_llama_gguf(tmp_path / "model.gguf", ckpt, dtype=np.float32, tokenizer=False)
     assert resolve_checkpoint(path) == path
     ours = load_model(path, linear_kernels="torch")
     assert ours.config.tie_word_embeddings == ref.config.tie_word_embeddings

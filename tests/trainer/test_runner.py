@@ -10,12 +10,15 @@ from datetime import timedelta
 import pytest
 import torch
 from peft import PeftModel
+from safetensors.torch import load
 from sqlalchemy import update
 from transformers import GPT2LMHeadModel
 
 from promptfleet.adapters.service import export_adapter, list_versions
 from promptfleet.db import session_scope, utcnow
+from promptfleet.platform.random_checkpoint import make_random_llama_checkpoint
 from promptfleet.platform.tokenizer import load_tokenizer
+from promptfleet.testing.gguf import write_llama_gguf
 from promptfleet.trainer import jobstate
 from promptfleet.trainer.datasets import DatasetLimits, parse_dataset
 from promptfleet.trainer.models import Dataset, TrainingJob
@@ -106,6 +109,38 @@ def test_failures_are_recorded_with_their_message(ctx, submit, session_factory, 
     job = submit()
     assert run_job(bad, job.id, task_id="t", worker="w")["status"] == "failed"
     assert _job(session_factory, a, job.id).error
+
+
+def test_a_worker_serving_a_gguf_file_trains_on_it(ctx, submit, session_factory, storage, tenants, jsonl,
+                                                    tmp_path):
+    """PROMPTFLEET_MODEL may be a .gguf file (the demo serves SmolLM2's): the job reads the
+    backbone's config and tokenizer from the file's metadata and trains what training on the
+    safetensors directory the file was written from trains."""
+    ckpt = make_random_llama_checkpoint(tmp_path / "llama", shape="llama-tiny", seed=8, scale=4.0)
+    on_gguf = WorkerContext(settings=ctx.settings.model_copy(
+        update={"model": str(write_llama_gguf(tmp_path / "llama.gguf", ckpt))}))
+    job = submit()
+    assert run_job(on_gguf, job.id, task_id="t", worker="w")["status"] == "succeeded"
+    done = _job(session_factory, tenants[0], job.id)
+    with session_scope(session_factory) as s:
+        archive = export_adapter(s, storage=storage, tenant_id=tenants[0], ref=done.adapter)
+    got = load(zipfile.ZipFile(io.BytesIO(archive)).read("adapter_model.safetensors"))
+    examples = parse_dataset(jsonl(12), tokenizer=load_tokenizer(ckpt), max_example_tokens=1000, max_examples=100)
+    reference = train(TrainConfig(model_path=str(ckpt), num_virtual_tokens=4, learning_rate=3e-2, batch_size=4,
+                                  max_steps=4, seed=5), examples)
+    want = load(reference.safetensors_bytes)
+    assert got.keys() == want.keys()
+    for name, tensor in want.items():
+        assert torch.allclose(got[name], tensor, atol=1e-6, rtol=0), name
+    assert not torch.allclose(next(iter(want.values())), next(iter(load(_untrained(ckpt)).values())))
+
+
+def _untrained(ckpt) -> bytes:
+    """The same adapter before any step (so the comparison above is of trained weights)."""
+    from promptfleet.trainer.batches import export_adapter as export_files
+    from promptfleet.trainer.train import build_model
+
+    return export_files(build_model(TrainConfig(model_path=str(ckpt), num_virtual_tokens=4, seed=5)))[1]
 
 
 def test_a_silent_workers_job_is_taken_over_and_the_old_attempt_is_fenced(ctx, submit, session_factory, tenants):

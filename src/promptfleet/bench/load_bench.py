@@ -551,8 +551,8 @@ def summarize(args: argparse.Namespace, setup: Setup, load: dict, *, model_desc:
 
 def run(args: argparse.Namespace) -> dict:
     from promptfleet.bench.common import emit
-    from promptfleet.platform.config import ModelConfig
     from promptfleet.platform.random_checkpoint import make_random_checkpoint
+    from promptfleet.platform.weights import read_model_config, resolve_checkpoint
 
     run_id = f"load-{uuid.uuid4().hex[:8]}"
     tmp = tempfile.TemporaryDirectory(prefix="pf-load-")
@@ -571,7 +571,7 @@ def run(args: argparse.Namespace) -> dict:
         else:
             server = OwnServer(args, model, root)   # boots while the references are computed
             base_url, admin_key, pid, mode = server.url, server.admin_key, server.pid, "self-contained"
-        adapters = make_adapters(ModelConfig.from_pretrained(model), args.adapters, args.tenants, args.seed)
+        adapters = make_adapters(read_model_config(resolve_checkpoint(model)), args.adapters, args.tenants, args.seed)
         prompts = PROMPTS[:args.prompts]
         log.info("computing %d reference answers", (len(adapters) + 1) * len(prompts))
         refs, ref_seconds = compute_references(model, adapters, prompts, args.max_tokens, device=args.device,

@@ -156,10 +156,10 @@ def _read_dataset(storage: Any, dataset_id: str, sha: str) -> bytes:
 
 def _train(ctx: WorkerContext, claim: Claim, monitor: JobMonitor,
            wall_clock: WallClock | None) -> tuple[TrainResult, Any]:
-    from promptfleet.platform.config import ModelConfig
+    from promptfleet.platform.weights import read_model_config
 
     model_path = ctx.model_path()
-    model_config = ModelConfig.from_pretrained(model_path)
+    model_config = read_model_config(model_path)  # a directory's config.json or a GGUF's metadata
     storage = ctx.storage()
     with ctx.session_factory() as session:
         dataset = session.get(Dataset, claim.dataset_id)
