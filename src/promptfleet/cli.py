@@ -252,11 +252,17 @@ def bench(ctx: typer.Context, which: str = typer.Argument(
 
 @app.command()
 def demo(workdir: Optional[Path] = typer.Option(None, help="Keep the demo's data here (default: a temp dir)."),
-         port: int = 0, requests: int = 24) -> None:
-    """Start a server + worker on embedded defaults, run two tenants end to end, print a table."""
+         port: int = 0, requests: int = 24,
+         model: str = typer.Option("auto", help="auto: SmolLM2 when the demo extra is installed, else "
+                                               "random GPT-2; or smollm2 / gpt2-random.")) -> None:
+    """Start a server + worker on embedded defaults, run two tenants end to end (a real model
+    with the demo extra: trained-adapter accuracy before/after), print a table."""
     from promptfleet.demo import run_demo
 
-    code = run_demo(workdir=workdir, port=port, burst=requests)
+    choices = {"auto": None, "smollm2": True, "gpt2-random": False}
+    if model not in choices:
+        raise typer.BadParameter(f"--model must be one of {', '.join(choices)}, got {model!r}")
+    code = run_demo(workdir=workdir, port=port, burst=requests, real=choices[model])
     raise typer.Exit(code)
 
 

