@@ -5,10 +5,11 @@ dataclass configs built from them.
 """
 from __future__ import annotations
 
+import socket
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -33,6 +34,9 @@ class Settings(BaseSettings):
                                     "adapter names) kept in metrics; later ones are counted under '_other'.")
     metrics_max_tenants: int = Field(default=100, ge=1, description="Distinct tenant label values kept in metrics; "
                                      "later ones are counted under '_other'.")
+    replica_id: str = Field(default_factory=socket.gethostname, description="This replica's name: the 'replica' "
+                            "label of every /metrics sample and the id /admin/cache/adapters reports; default the "
+                            "hostname.")
 
     # --- model / engine
     model: str = Field(default="", description="GPT-2 checkpoint directory (or hub id when reachable).")
@@ -78,6 +82,9 @@ class Settings(BaseSettings):
     job_resend_after_s: float = Field(
         default=300.0, description="A job still queued this long after its broker message was sent gets the message "
                                    "again (a broker that lost it); duplicates are dropped by the claim. 0 = never.")
+    job_storage_retry_s: float = Field(
+        default=300.0, ge=0, description="A worker that cannot reach blob storage to read a job's dataset or write its "
+                                         "adapter retries with backoff for up to this long before the job fails.")
     job_max_wall_s: float = Field(
         default=3600.0, description="A running training attempt that runs longer than this (wall clock, from its "
                                     "start) is stopped at its next step and fails; no adapter. 0 = no limit.")
@@ -100,6 +107,11 @@ class Settings(BaseSettings):
     # --- logging
     log_json: bool = False
     log_level: str = "INFO"
+
+    @field_validator("replica_id")
+    @classmethod
+    def _replica_or_hostname(cls, value: str) -> str:
+        return value.strip() or socket.gethostname()
 
     def resolved_database_url(self) -> str:
         if self.database_url:

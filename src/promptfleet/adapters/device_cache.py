@@ -30,6 +30,13 @@ class CacheStats:
     budget_bytes: int
 
 
+@dataclass(frozen=True)
+class CacheEntry:
+    """One warm prefix: its cache key and the bytes it holds on the device."""
+    key: str
+    nbytes: int
+
+
 class _Loading:
     """Per-key lock of an in-flight load, and its result for the threads that waited."""
 
@@ -136,6 +143,11 @@ class AdapterCache:
         with self._lock:
             self._entries.clear()
             self.bytes_used = 0
+
+    def entries(self) -> list[CacheEntry]:
+        """What is warm now, most recently used first (what a router asks to route by)."""
+        with self._lock:
+            return [CacheEntry(key, prefix.nbytes) for key, prefix in reversed(self._entries.items())]
 
     def stats(self) -> CacheStats:
         with self._lock:

@@ -4,7 +4,12 @@ scrape time by a custom collector; request figures are counted as requests finis
 
 Label values a tenant or client chooses (adapter names, tenant names, HTTP methods) are
 bounded: each such label keeps its first N distinct values and counts every later one
-under ``_other``, so nobody can grow the number of series without limit."""
+under ``_other``, so nobody can grow the number of series without limit.
+
+Every sample carries a ``replica`` label (settings ``replica_id``, default the hostname),
+and ``promptfleet_adapter_warm`` lists the adapters warm in this replica's device cache
+(by adapter sha256, most recently used first, at most ``metrics_max_models`` of them), so a
+router can prefer a warm replica and an autoscaler can tell replicas apart."""
 from __future__ import annotations
 
 import threading
@@ -85,19 +90,21 @@ class MetricLabelLimits:
     max_models: int = 100
     max_tenants: int = 100
     base_model: str | None = None
+    replica: str | None = None  # the 'replica' label every sample carries (settings replica_id)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> MetricLabelLimits:
         return cls(max_models=settings.metrics_max_models, max_tenants=settings.metrics_max_tenants,
-                   base_model=settings.model_id)
+                   base_model=settings.model_id, replica=settings.replica_id)
 
 
 class _EngineCollector(Collector):
     def __init__(self, engine: Callable[[], Engine | None], adapter_cache: Callable[[], AdapterCache | None],
-                 prefix_store: Callable[[], PrefixStore | None]) -> None:
+                 prefix_store: Callable[[], PrefixStore | None], max_warm: int) -> None:
         self._engine = engine
         self._adapter_cache = adapter_cache
         self._prefix_store = prefix_store
+        self._max_warm = max_warm
 
     def collect(self) -> Iterator[Metric]:
         engine = self._engine()
@@ -130,6 +137,13 @@ class _EngineCollector(Collector):
                                     value=c.entries)
             yield GaugeMetricFamily("promptfleet_adapter_cache_bytes", "Bytes used by the device cache.",
                                     value=c.bytes_used)
+            warm = GaugeMetricFamily("promptfleet_adapter_warm", "Adapters whose KV prefix is warm in this "
+                                     "replica's device cache (bytes it holds), most recently used first.",
+                                     labels=["adapter_sha256", "base"])
+            for entry in cache.entries()[:self._max_warm]:
+                sha256, _, base = entry.key.partition(":")
+                warm.add_metric([sha256, base], entry.nbytes)
+            yield warm
         store = self._prefix_store()
         if store is not None:
             yield CounterMetricFamily("promptfleet_prefix_store_hits", "Prefixes read from the disk tier.",
@@ -182,7 +196,9 @@ class Metrics:
         self._engine: Engine | None = None
         self._adapter_cache: AdapterCache | None = None
         self._prefix_store: PrefixStore | None = None
-        r.register(_EngineCollector(lambda: self._engine, lambda: self._adapter_cache, lambda: self._prefix_store))
+        r.register(_EngineCollector(lambda: self._engine, lambda: self._adapter_cache, lambda: self._prefix_store,
+                                    max_warm=self.limits.max_models))
+        self._exposed = _ReplicaLabelled(r, self.limits.replica) if self.limits.replica else r
 
     def bind(self, *, engine: Engine | None, adapter_cache: AdapterCache | None,
              prefix_store: PrefixStore | None = None) -> None:
@@ -191,4 +207,19 @@ class Metrics:
         self._prefix_store = prefix_store
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        return generate_latest(self._exposed)  # type: ignore[arg-type]
+
+
+class _ReplicaLabelled:
+    """A registry's metrics with ``replica=<name>`` added to every sample (what
+    ``generate_latest`` reads: anything with ``collect()``)."""
+
+    def __init__(self, registry: CollectorRegistry, replica: str) -> None:
+        self._registry = registry
+        self._replica = replica
+
+    def collect(self) -> Iterator[Metric]:
+        for metric in self._registry.collect():
+            out = Metric(metric.name, metric.documentation, metric.type, metric.unit)
+            out.samples = [s._replace(labels={**s.labels, "replica": self._replica}) for s in metric.samples]
+            yield out

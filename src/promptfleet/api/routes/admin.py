@@ -8,6 +8,7 @@ from promptfleet.api.deps import SessionDep, plausible_id, require_admin
 from promptfleet.api.errors import APIError, bad_request, not_found
 from promptfleet.api.pagination import PageDep, page_fields, unknown_cursor
 from promptfleet.api.responses import error_responses
+from promptfleet.api.routes import warm
 from promptfleet.api.schemas import TenantCreate, TenantCreated, TenantKey, TenantList, TenantOut
 from promptfleet.paging import UnknownCursor
 from promptfleet.tenants.models import Tenant
@@ -15,6 +16,7 @@ from promptfleet.tenants.service import (InvalidTenantName, TenantExistsError, T
                                          get_tenant, page_tenants, rotate_key)
 
 router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(require_admin)])
+router.include_router(warm.router)  # /admin/cache/adapters: what this replica holds warm
 
 
 def tenant_out(t: Tenant) -> dict:
