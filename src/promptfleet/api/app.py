@@ -23,6 +23,7 @@ from promptfleet.api.metrics import MetricLabelLimits, Metrics
 from promptfleet.api.routes import admin, adapters, completions, datasets, health, jobs, models
 from promptfleet.api.state import AppState, build_state
 from promptfleet.api.uploads import MULTIPART_SLACK, BodyLimit, BodyLimitMiddleware, HeaderLimitMiddleware, mib
+from promptfleet.console import install_console
 from promptfleet.platform.engine import Engine
 from promptfleet.settings import Settings
 
@@ -76,6 +77,7 @@ def create_app(settings: Settings, *, engine: Engine | None = None, celery_app: 
     install_error_handlers(app)
     for module in (completions, models, adapters, datasets, jobs, admin, health):
         app.include_router(module.router)
+    install_console(app)  # /console: the web console's page, static files and usage route
     app.add_middleware(BodyLimitMiddleware, limit_for=body_limit_for(settings))
     app.add_middleware(HeaderLimitMiddleware)
     app.add_middleware(RequestContextMiddleware, metrics=metrics)
