@@ -2,7 +2,9 @@
 
 ``run_job`` is what the Celery task calls; it never raises for a job's own failure (the
 job is marked failed with the message), so the broker message is acknowledged and never
-redelivered for an error that would only repeat.
+redelivered for an error that would only repeat. Blob storage that cannot be reached
+while the job reads its dataset or writes its adapter is waited for (``storage_retry``),
+within ``job_storage_retry_s``, so an outage of the store does not lose an accepted job.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
 
+from promptfleet.adapters.storage import StorageUnavailable
 from promptfleet.db import make_engine, make_session_factory
 from promptfleet.settings import Settings
 from promptfleet.trainer import jobstate
@@ -22,6 +25,7 @@ from promptfleet.trainer.isolated import Isolation, TrainingFailed, train_in_chi
 from promptfleet.trainer.jobstate import Claim
 from promptfleet.trainer.models import Dataset
 from promptfleet.trainer.service import DEFAULT_MAX_ATTEMPTS
+from promptfleet.trainer.storage_retry import StorageRetry, StorageRetryStopped, with_storage_retry
 from promptfleet.trainer.train import (TrainConfig, TrainingCancelled, TrainResult, WallClock, WallClockExceeded,
                                        _downsample, train_dataset)
 
@@ -62,6 +66,9 @@ class WorkerContext:
     @property
     def poll_s(self) -> float:
         return max(0.05, min(float(self.settings.job_heartbeat_s), 1.0))
+
+    def storage_retry(self) -> StorageRetry:
+        return StorageRetry(budget_s=float(self.settings.job_storage_retry_s))
 
     def wall_clock(self) -> WallClock | None:
         """A fresh wall-clock limit for an attempt starting now (None when unlimited)."""
@@ -146,9 +153,14 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
-def _read_dataset(storage: Any, dataset_id: str, sha: str) -> bytes:
+def _read_dataset(ctx: WorkerContext, storage: Any, dataset_id: str, sha: str, monitor: JobMonitor) -> bytes:
+    """The dataset's bytes; an unreachable store is waited for (a cancel or shutdown meanwhile
+    stops the attempt as ``TrainingCancelled`` does)."""
     try:
-        return storage.get(sha)
+        return with_storage_retry(lambda: storage.get(sha), policy=ctx.storage_retry(), what=f"dataset {dataset_id}",
+                                  should_stop=monitor.should_stop, wake=ctx.shutdown)
+    except StorageRetryStopped as exc:
+        raise TrainingCancelled(str(exc)) from exc
     except Exception as exc:
         raise RuntimeError(f"dataset {dataset_id} could not be read from blob storage "
                            f"(sha256 {sha[:12]}): {_describe(exc)}") from exc
@@ -166,7 +178,7 @@ def _train(ctx: WorkerContext, claim: Claim, monitor: JobMonitor,
         if dataset is None:
             raise LookupError(f"dataset {claim.dataset_id} no longer exists")
         sha = dataset.sha256
-    data = _read_dataset(storage, claim.dataset_id, sha)
+    data = _read_dataset(ctx, storage, claim.dataset_id, sha, monitor)
     p = claim.params
     validation_data = None
     if p.get("validation_dataset_id"):
@@ -175,7 +187,7 @@ def _train(ctx: WorkerContext, claim: Claim, monitor: JobMonitor,
             if validation is None:
                 raise LookupError(f"validation dataset {p['validation_dataset_id']} no longer exists")
             validation_sha = validation.sha256
-        validation_data = _read_dataset(storage, p["validation_dataset_id"], validation_sha)
+        validation_data = _read_dataset(ctx, storage, p["validation_dataset_id"], validation_sha, monitor)
     nvt = int(p.get("num_virtual_tokens", 8))
     room = model_config.n_positions - nvt
     if room < 2:
@@ -200,7 +212,21 @@ def _train(ctx: WorkerContext, claim: Claim, monitor: JobMonitor,
     return result, model_config
 
 
-def _register(ctx: WorkerContext, claim: Claim, result: TrainResult, model_config: Any) -> dict[str, Any]:
+def _register(ctx: WorkerContext, claim: Claim, result: TrainResult, model_config: Any,
+              monitor: JobMonitor) -> dict[str, Any]:
+    """Register the trained adapter; while blob storage is unreachable, heartbeat and try
+    again (each try is its own transaction: no row lock is held while waiting)."""
+    try:
+        return with_storage_retry(lambda: _register_once(ctx, claim, result, model_config), policy=ctx.storage_retry(),
+                                  what=f"the adapter of job {claim.job_id}", should_stop=monitor.should_stop,
+                                  between=monitor.beat, wake=ctx.shutdown)
+    except StorageRetryStopped:
+        return _stopped(ctx, claim, monitor)
+    except StorageUnavailable as exc:
+        return _fail(ctx, claim, f"could not register the adapter: {_describe(exc)}", result.metrics)
+
+
+def _register_once(ctx: WorkerContext, claim: Claim, result: TrainResult, model_config: Any) -> dict[str, Any]:
     from promptfleet.adapters.service import register_adapter
 
     job_id, attempt = claim.job_id, claim.attempt
@@ -223,6 +249,9 @@ def _register(ctx: WorkerContext, claim: Claim, result: TrainResult, model_confi
             jobstate.finish(session, job_id=job_id, attempt=attempt, status="succeeded", metrics=result.metrics,
                             adapter_version=version.version, adapter=ref, steps=result.metrics["steps"])
             session.commit()
+        except StorageUnavailable:
+            session.rollback()
+            raise  # _register waits for the store and tries again
         except Exception as exc:
             session.rollback()
             log.exception("registering the adapter of job %s failed", job_id)
@@ -283,4 +312,4 @@ def run_job(ctx: WorkerContext, job_id: str, *, task_id: str | None, worker: str
         log.exception("job %s: training failed", job_id)
         return _fail(ctx, claim, _describe(exc), monitor.metrics())
     monitor.stop()
-    return _register(ctx, claim, result, model_config)
+    return _register(ctx, claim, result, model_config, monitor)
