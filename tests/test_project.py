@@ -93,10 +93,40 @@ def test_compose_parses_and_names_every_setting():
     assert compose["services"]["api"]["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
 
 
+def test_compose_scales_out_behind_nginx_on_minio():
+    """Two api replicas behind nginx (least connections over the api service, on the port the
+    api serves, health-checked on /readyz), MinIO with the bucket PROMPTFLEET_BLOB_URL names."""
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    services = compose["services"]
+    api, nginx = services["api"], services["nginx"]
+    assert api["deploy"]["replicas"] >= 2 and "ports" not in api  # clients reach the replicas through nginx
+    port = api["command"][api["command"].index("--port") + 1]
+    assert f":{port}/readyz" in " ".join(api["healthcheck"]["test"])
+    assert nginx["depends_on"]["api"]["condition"] == "service_healthy"
+    mount = next(v for v in nginx["volumes"] if v.endswith(":/etc/nginx/nginx.conf:ro"))
+    conf = (ROOT / mount.split(":")[0]).read_text()
+    upstream = re.search(r"upstream\s+(\w+)\s*\{(.*?)\}", conf, flags=re.S)
+    assert upstream, "nginx.conf has no upstream block"
+    assert "least_conn;" in upstream.group(2)
+    assert re.search(rf"^\s*server\s+api:{port}\s", upstream.group(2), flags=re.M), "upstream is not the api service"
+    assert f"proxy_pass http://{upstream.group(1)};" in conf
+    assert any(p.split(":")[-1] == "8000" for p in nginx["ports"])
+    # MinIO, and its init job creates the very bucket the api and workers use
+    env = compose["x-promptfleet-env"]
+    blob_url = re.fullmatch(r"\$\{PROMPTFLEET_BLOB_URL:-s3://([a-z0-9.-]+)/\w+\}", env["PROMPTFLEET_BLOB_URL"])
+    assert blob_url, env["PROMPTFLEET_BLOB_URL"]
+    bucket = blob_url.group(1)
+    assert f"mc mb --ignore-existing local/{bucket}" in " ".join(services["minio-init"]["command"])
+    assert "minio:9000" in env["AWS_ENDPOINT_URL"] and "healthcheck" in services["minio"]
+    for svc in ("api", "worker"):
+        assert services[svc]["depends_on"]["minio-init"]["condition"] == "service_completed_successfully"
+        assert not any(v.endswith(":/data") for v in services[svc].get("volumes", []))  # /data is a cache
+
+
 def test_cli_help_for_every_command():
     commands = ["serve", "worker", "db upgrade", "tenant create", "tenant list", "key rotate", "adapter push",
                 "adapter list", "adapter pull", "dataset push", "job submit", "job watch", "job cancel", "bench",
-                "demo", "gc"]
+                "demo", "gc", "kernels build"]
     for cmd in commands:
         out = subprocess.run([sys.executable, "-m", "promptfleet.cli", *cmd.split(), "--help"],
                              capture_output=True, text=True, timeout=60)

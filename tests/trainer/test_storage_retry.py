@@ -112,8 +112,8 @@ def _served(ctx, session_factory, tenant_id) -> list[int]:
         return [v.version for v in versions]
 
 
-def test_dataset_read_waits_for_the_store_then_the_job_succeeds(s3_ctx, s3_submit, s3_proxy, session_factory,  # noqa: F811
-                                                                 tenants, caplog):
+def test_dataset_read_waits_for_the_store_then_the_job_succeeds(s3_ctx, s3_submit, s3_proxy,  # noqa: F811
+                                                                 session_factory, tenants, caplog):
     job = s3_submit()
     s3_proxy.down()
     caplog.set_level(logging.WARNING, logger="promptfleet.trainer.storage_retry")
@@ -132,8 +132,8 @@ def test_dataset_read_waits_for_the_store_then_the_job_succeeds(s3_ctx, s3_submi
     assert _served(s3_ctx, session_factory, tenants[0]) == [1]
 
 
-def test_adapter_write_waits_for_the_store_then_registers_once(s3_ctx, s3_submit, s3_proxy, session_factory,  # noqa: F811
-                                                              tenants, caplog, monkeypatch):
+def test_adapter_write_waits_for_the_store_then_registers_once(s3_ctx, s3_submit, s3_proxy,  # noqa: F811
+                                                              session_factory, tenants, caplog, monkeypatch):
     real_train = runner.train_dataset
 
     def train_then_lose_the_store(*args, **kwargs):  # the real training; the store goes away as it ends
