@@ -11,7 +11,6 @@ import time
 
 import pytest
 
-from promptfleet.adapters.blob_url import open_blob_storage
 from promptfleet.adapters.service import list_versions, load_adapter_weights
 from promptfleet.adapters.storage import BlobNotFoundError, StorageUnavailable
 from promptfleet.db import session_scope
