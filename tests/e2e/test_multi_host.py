@@ -19,10 +19,8 @@ fleet): A's kill is last.
 """
 from __future__ import annotations
 
-import threading
 import time
 import uuid
-from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlparse
@@ -34,6 +32,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from promptfleet.adapters.s3_local import TcpProxy
 from promptfleet.client import zip_directory
 from promptfleet.testing.archives import unzip_to
+from promptfleet.testing.failover import Failover, FailoverLoad, Op
 from promptfleet.testing.fleet import Fleet, FleetConfig
 from promptfleet.testing.peft import PeftReference, make_peft_adapter
 from promptfleet.testing.polling import wait_for
@@ -261,96 +260,6 @@ def test_store_outage_503s_warm_keeps_serving_and_nothing_accepted_is_lost(fleet
 
 
 # --------------------------------------------------------------------------- (d) SIGKILL of A under load
-class Failover:
-    """What a load balancer does: send to the first replica, and on a transport error
-    (refused, reset, the replica died mid-answer) send the same request to the next."""
-
-    def __init__(self, urls: list[str], key: str) -> None:
-        self.clients = [httpx.Client(base_url=u, headers={"Authorization": f"Bearer {key}"}, timeout=60)
-                        for u in urls]
-        self.retries = 0
-
-    def request(self, method: str, path: str, **kwargs) -> httpx.Response:
-        error: httpx.TransportError | None = None
-        for c in self.clients:
-            try:
-                return c.request(method, path, **kwargs)
-            except httpx.TransportError as exc:
-                error = exc
-                self.retries += 1
-        assert error is not None
-        raise error
-
-    def close(self) -> None:
-        for c in self.clients:
-            c.close()
-
-
-class Load:
-    """Clients in threads: completions (A first for half of them, B first for the rest),
-    adapter uploads and job submissions (A first), each through a ``Failover``."""
-
-    def __init__(self, fleet: Fleet, key: str, want: tuple[str, str], archive: bytes, dataset_id: str) -> None:
-        self.fleet, self.key, self.want, self.archive, self.dataset_id = fleet, key, want, archive, dataset_id
-        self.outcomes: list[tuple[float, str, int]] = []  # (time, kind, status)
-        self.wrong: list[str] = []
-        self.jobs: list[str] = []
-        self.uploads: list[int] = []
-        self.retries = 0
-        self._stop = threading.Event()
-        self._lock = threading.Lock()
-        kinds = ["complete-a", "complete-a", "complete-b", "complete-b", "upload", "job"]
-        self._threads = [threading.Thread(target=self._run, args=(k,), daemon=True) for k in kinds]
-
-    def _run(self, kind: str) -> None:
-        order = ["a", "b"] if not kind.endswith("-b") else ["b", "a"]
-        lb = Failover([self.fleet.replicas[r].base_url for r in order], self.key)
-        try:
-            while not self._stop.is_set():
-                self._one(lb, kind)
-        finally:
-            with self._lock:
-                self.retries += lb.retries
-            lb.close()
-
-    def _one(self, lb: Failover, kind: str) -> None:
-        if kind.startswith("complete"):
-            r = lb.request("POST", "/v1/completions", json={"model": "steady", "prompt": "Hello world", **GREEDY})
-            if r.status_code == 200 and answer(r) != self.want:
-                self.wrong.append(r.text)
-        elif kind == "upload":
-            r = lb.request("POST", "/v1/adapters", data={"name": "live"},
-                           files={"file": ("a.zip", self.archive, "application/zip")})
-            if r.status_code == 201:
-                with self._lock:
-                    self.uploads.append(r.json()["version"])
-            self._stop.wait(0.2)
-        else:
-            r = lb.request("POST", "/v1/jobs", json={"adapter_name": "nightly", "dataset_id": self.dataset_id,
-                                                     **SHORT_JOB, "max_steps": 2})
-            if r.status_code == 202:
-                with self._lock:
-                    self.jobs.append(r.json()["id"])
-            self._stop.wait(0.7)
-        with self._lock:
-            self.outcomes.append((time.monotonic(), kind.split("-")[0], r.status_code))
-
-    def ok_after(self, t: float) -> set[str]:
-        with self._lock:
-            return {k for at, k, s in self.outcomes if at > t and s in (200, 201, 202)}
-
-    def start(self) -> "Load":
-        for t in self._threads:
-            t.start()
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-        for t in self._threads:
-            t.join(timeout=90)
-        assert not any(t.is_alive() for t in self._threads), "a client thread hung"
-
-
 def test_replica_a_sigkilled_under_load_clients_retry_on_b_and_accepted_jobs_finish(fleet, jsonl, tiny_checkpoint,
                                                                                     tmp_path):
     _, key = tenant(fleet, "survivor", via="b")
@@ -361,32 +270,61 @@ def test_replica_a_sigkilled_under_load_clients_retry_on_b_and_accepted_jobs_fin
         r = b.post("/v1/datasets", files={"file": ("d.jsonl", jsonl(8), "application/jsonl")})
         assert r.status_code == 201, r.text
         dataset_id = r.json()["id"]
-    kinds = {"complete", "upload", "job"}
-    load = Load(fleet, key, want, archive, dataset_id).start()
+    a_first = [fleet.replicas[n].base_url for n in ("a", "b")]
+    b_first = a_first[::-1]
+    wrong: list[str] = []
+    uploads: list[int] = []
+    jobs: list[str] = []
+
+    def completion(lb: Failover) -> httpx.Response:
+        r = lb.request("POST", "/v1/completions", json={"model": "steady", "prompt": "Hello world", **GREEDY})
+        if r.status_code == 200 and answer(r) != want:
+            wrong.append(r.text)
+        return r
+
+    def push(lb: Failover) -> httpx.Response:
+        r = lb.request("POST", "/v1/adapters", data={"name": "live"},
+                       files={"file": ("a.zip", archive, "application/zip")})
+        if r.status_code == 201:
+            uploads.append(r.json()["version"])
+        return r
+
+    def train(lb: Failover) -> httpx.Response:
+        r = lb.request("POST", "/v1/jobs", json={"adapter_name": "nightly", "dataset_id": dataset_id, **SHORT_JOB,
+                                                 "max_steps": 2})
+        if r.status_code == 202:
+            jobs.append(r.json()["id"])
+        return r
+
+    ops = [Op("complete", a_first, completion), Op("complete", a_first, completion),
+           Op("complete", b_first, completion), Op("complete", b_first, completion),
+           Op("upload", a_first, push, pause=0.2), Op("job", a_first, train, pause=0.7)]
+    kinds = {op.kind for op in ops}
+    load = FailoverLoad(ops, key).start()
     try:
         t0 = time.monotonic()
         wait_for(lambda: load.ok_after(t0) == kinds, timeout=120, interval=0.1, what="load on both replicas",
-                 on_timeout=lambda: str(Counter(load.outcomes)))
+                 on_timeout=lambda: str(load.statuses()))
         fleet.replicas["a"].server.kill()  # SIGKILL: no shutdown handler, connections reset mid-answer
         killed = time.monotonic()
         wait_for(lambda: load.ok_after(killed + 1.0) == kinds, timeout=120, interval=0.1,
                  what="every kind of request to succeed on B after A died",
-                 on_timeout=lambda: f"{Counter((k, s) for _, k, s in load.outcomes)}\n{fleet.logs()}")
+                 on_timeout=lambda: f"{load.statuses()}\n{fleet.logs()}")
     finally:
         load.stop()
-    statuses = Counter((k, s) for _, k, s in load.outcomes)
+    statuses = load.statuses()
     assert set(statuses) <= {("complete", 200), ("upload", 201), ("job", 202)}, statuses  # nothing refused or lost
     assert load.retries >= 1, "no client ever had to fail over: A was not killed under load"
-    assert not load.wrong, load.wrong[:3]
-    assert sorted(load.uploads) == sorted(set(load.uploads))  # each answered 201 is its own version
+    assert not wrong, wrong[:3]
+    assert len(uploads) == len(set(uploads)) and len(jobs) >= 2
     with client(fleet, "b", key) as b:
-        for job_id in load.jobs:
+        for job_id in jobs:
             done = fleet.wait_job(key, job_id, via="b", until=lambda j: j["status"] in TERMINAL, timeout=150,
                                   what=f"accepted job {job_id} to finish")
             assert done["status"] == "succeeded", done
         latest = b.get("/v1/adapters/live")
-        assert latest.status_code == 200 and latest.json()["version"] >= max(load.uploads), latest.text
-        for version in load.uploads:
+        assert latest.status_code == 200 and latest.json()["version"] >= max(uploads), latest.text
+        for version in uploads:  # every upload answered 201 is there, whichever replica took it
             assert b.get(f"/v1/adapters/live@{version}").status_code == 200, version
         assert answer(complete(b, "nightly", "apple river:"))[1] in ("length", "stop")
-    assert len(load.jobs) >= 2 and fleet.local_blob_files() == []
+    assert fleet.local_blob_files() == []
