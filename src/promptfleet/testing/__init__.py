@@ -10,6 +10,9 @@
 - ``live_server``: an app under uvicorn in a thread; ``api_app``: in-process API apps;
 - ``processes``, ``tcp_proxy``, ``stack``, ``sse``: real server/worker processes, a TCP
   proxy that takes a database away, and an SSE reader, for the end-to-end tests.
+- ``fleet``: a deployment across hosts (N ``serve``, M ``worker`` processes, each with its
+  own empty data dir, on one PostgreSQL, Redis and S3 bucket); ``failover``: clients that
+  retry on the next replica as a load balancer does; ``s3``: moto S3 fixtures.
 
 The names most suites use are importable from here.
 """
