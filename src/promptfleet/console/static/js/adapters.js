@@ -86,7 +86,7 @@ export function adaptersView() {
         showInfo(`Uploaded ${a.name} version ${a.version} (${a.peft_type}, ${a.num_virtual_tokens} virtual tokens).`);
         form.reset();
         await refresh();
-      } catch (err) { showError(err, "adapter upload refused"); }
+      } catch (err) { showError(err, "adapter upload failed"); }
     });
   });
   return { refresh };

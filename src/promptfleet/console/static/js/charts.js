@@ -1,6 +1,7 @@
 // Loss and accuracy curves drawn with uPlot (vendored in static/vendor). Each chart keeps
 // its point count in data-points so a test can follow it.
 const HEIGHT = 220;
+const WHOLE = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000];  // steps and epochs are integers
 
 function widthOf(target) { return Math.max(240, Math.floor(target.clientWidth || 320)); }
 
@@ -45,7 +46,7 @@ export class JobCharts {
       this.lossTarget.replaceChildren();
       this.loss = makeChart(this.lossTarget,
         [{ label: "step" }, { label: "train loss", stroke: "#0b5cad", width: 2, points: { show: loss[0].length < 60 } }],
-        { x: { time: false } }, [{ label: "step" }, { label: "loss" }], loss);
+        { x: { time: false } }, [{ label: "step", incrs: WHOLE }, { label: "loss" }], loss);
     } else this.loss.setData(loss);
     if (!this.epochs) {
       this.epochTarget.replaceChildren();
@@ -55,7 +56,7 @@ export class JobCharts {
         { label: "validation loss", stroke: "#b42318", width: 2, dash: [6, 4] },
         { label: "validation accuracy", stroke: "#1a7f37", width: 2, scale: "acc" },
       ], { x: { time: false }, acc: { range: [0, 1] } },
-      [{ label: "epoch" }, { label: "loss" }, { label: "accuracy", scale: "acc", side: 1, grid: { show: false } }], data);
+      [{ label: "epoch", incrs: WHOLE }, { label: "loss" }, { label: "accuracy", scale: "acc", side: 1, grid: { show: false } }], data);
     } else this.epochs.setData(data);
     this.lossTarget.dataset.points = String(loss[0].length);
     this.epochTarget.dataset.points = String(data[0].length);

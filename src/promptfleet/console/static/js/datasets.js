@@ -53,7 +53,7 @@ export function datasetsView(onChange) {
         form.reset();
         await refresh();
         if (onChange) await onChange();
-      } catch (err) { showError(err, "dataset upload refused"); }
+      } catch (err) { showError(err, "dataset upload failed"); }
     });
   });
   return { refresh };

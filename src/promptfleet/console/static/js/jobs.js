@@ -5,7 +5,7 @@ import { JobCharts, epochSeries } from "./charts.js";
 import { $, busy, el, num, pct, showError, showInfo, when } from "./ui.js";
 
 const FINAL = new Set(["succeeded", "failed", "cancelled"]);
-const POLL_MS = 700;
+const POLL_MS = 500;
 // What the server does when a field with a null default is left out (JobRequest's docstring).
 const NULL_DEFAULTS = { learning_rate: "default: the method's", max_steps: "default: all epochs",
   validation_fraction: "default: 0.1 from 20 examples", early_stopping_patience: "default: off" };
