@@ -254,7 +254,9 @@ def bench(ctx: typer.Context, which: str = typer.Argument(
 def demo(workdir: Optional[Path] = typer.Option(None, help="Keep the demo's data here (default: a temp dir)."),
          port: int = 0, requests: int = 24,
          model: str = typer.Option("auto", help="auto: SmolLM2 when the demo extra is installed, else "
-                                               "random GPT-2; or smollm2 / gpt2-random.")) -> None:
+                                               "random GPT-2; or smollm2 / gpt2-random."),
+         keep: bool = typer.Option(False, "--keep", help="Leave the server up afterwards (web console at "
+                                                         "/console) until Ctrl-C.")) -> None:
     """Start a server + worker on embedded defaults, run two tenants end to end (a real model
     with the demo extra: trained-adapter accuracy before/after), print a table."""
     from promptfleet.demo import run_demo
@@ -262,7 +264,7 @@ def demo(workdir: Optional[Path] = typer.Option(None, help="Keep the demo's data
     choices = {"auto": None, "smollm2": True, "gpt2-random": False}
     if model not in choices:
         raise typer.BadParameter(f"--model must be one of {', '.join(choices)}, got {model!r}")
-    code = run_demo(workdir=workdir, port=port, burst=requests, real=choices[model])
+    code = run_demo(workdir=workdir, port=port, burst=requests, real=choices[model], keep_serving=keep)
     raise typer.Exit(code)
 
 

@@ -228,8 +228,21 @@ def _smollm2_demo(ctx: DemoContext, fewshot: Path) -> int:
                         ("globex", globex["api_key"], "sentiment"), ("globex", globex["api_key"], model)])
 
 
-def run_demo(*, workdir: Path | None = None, port: int = 0, burst: int = 24, real: bool | None = None) -> int:
-    """The demo; ``real`` None: SmolLM2 when the demo extra is installed, else random GPT-2."""
+def _serve_until_interrupted(base_url: str, proc: subprocess.Popen) -> None:
+    """``--keep``: leave the server up for a person at the web console until Ctrl-C."""
+    _say(f"the server stays up: open {base_url}/console and sign in with the admin key {ADMIN_KEY} "
+         "(rotate a tenant's key there to sign in as that tenant); Ctrl-C stops it")
+    try:
+        proc.wait()
+        _say(f"the server exited with {proc.returncode}")
+    except KeyboardInterrupt:
+        pass
+
+
+def run_demo(*, workdir: Path | None = None, port: int = 0, burst: int = 24, real: bool | None = None,
+             keep_serving: bool = False) -> int:
+    """The demo; ``real`` None: SmolLM2 when the demo extra is installed, else random GPT-2.
+    ``keep_serving``: after it, leave the server up (web console) until Ctrl-C."""
     _quiet_libraries()
     real = demo_smollm2.available() if real is None else real
     keep = workdir is not None
@@ -257,7 +270,11 @@ def run_demo(*, workdir: Path | None = None, port: int = 0, burst: int = 24, rea
         if real:  # while the server loads: the adapter a tenant made with PEFT on the HF model
             fewshot = demo_smollm2.make_fewshot_adapter(root / "capitals-adapter")
         ctx.admin.wait_ready(timeout=300)
-        return _smollm2_demo(ctx, fewshot) if real else _random_gpt2_demo(ctx, ckpt)
+        _say(f"web console: {base_url}/console")
+        code = _smollm2_demo(ctx, fewshot) if real else _random_gpt2_demo(ctx, ckpt)
+        if keep_serving:
+            _serve_until_interrupted(base_url, proc)
+        return code
     finally:
         _say("stopping the server")
         _stop(proc)
