@@ -31,6 +31,13 @@ def _stream_pieces(http, body: dict) -> int:
     return pieces
 
 
+def _dismiss_messages(page: Page) -> None:
+    """Close every message by its own button (the screenshots show the view, not the log)."""
+    buttons = page.get_by_role("button", name="Dismiss message")
+    while buttons.count():
+        buttons.first.click()
+
+
 def test_sign_in_upload_train_watch_and_compare(page: Page, console, tiny_checkpoint: Path, tmp_path: Path):
     key = console.new_tenant()
     page.goto(console.url)
@@ -113,6 +120,7 @@ def test_sign_in_upload_train_watch_and_compare(page: Page, console, tiny_checkp
     expect(status).to_have_text(f"succeeded — adapter {job['adapter']}")
     accuracy = page.locator("#epoch-table tbody tr").last.locator("td").nth(3)
     expect(accuracy).to_have_text(f"{epochs[-1]['val_accuracy'] * 100:.1f} %")
+    _dismiss_messages(page)
     page.screenshot(path=str(console.shots / "jobs.png"), full_page=True)
 
     # -- the playground: base model vs the trained adapter, streamed side by side
@@ -139,6 +147,7 @@ def test_sign_in_upload_train_watch_and_compare(page: Page, console, tiny_checkp
             # streamed: the page drew as many pieces as the server's stream sends
             assert int(columns.nth(i).get_attribute("data-chunks")) == _stream_pieces(http, body), model
     assert int(columns.nth(0).get_attribute("data-chunks")) >= 2  # the base model's 12 tokens came piece by piece
+    _dismiss_messages(page)
     page.screenshot(path=str(console.shots / "playground.png"), full_page=True)
 
     # -- usage: three completions per model (the page's stream and the two references), from the server's counters

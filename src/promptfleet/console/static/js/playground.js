@@ -54,7 +54,7 @@ export function playgroundView() {
         meta.textContent = `streaming… ${pieces} chunks`;
       }, signal);
       const seconds = ((performance.now() - started) / 1000).toFixed(2);
-      meta.textContent = `done: ${pieces} chunks in ${seconds} s, finish reason ${finish}`;
+      meta.textContent = `done: ${pieces} chunk${pieces === 1 ? "" : "s"} in ${seconds} s, finish reason ${finish}`;
       column.dataset.state = "done";
     } catch (err) {
       column.dataset.state = err.name === "AbortError" ? "stopped" : "error";
