@@ -8,6 +8,7 @@ import uuid
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from promptfleet.api.limits import LimitExceeded, TenantLimiter, TenantLimits
 from promptfleet.platform.config import EngineConfig
@@ -74,7 +75,9 @@ def test_rate_limit_is_429_with_retry_after(make_api, limit_settings):
     # another tenant is not affected
     _, other = api.new_tenant()
     assert api.client.get("/v1/models", headers=other).status_code == 200
-    assert 'promptfleet_rejected_requests_total{reason="rate",tenant="' in api.client.get("/metrics").text
+    rejected = [s for f in text_string_to_metric_families(api.client.get("/metrics").text) for s in f.samples
+                if s.name == "promptfleet_rejected_requests_total"]
+    assert [s.labels["reason"] for s in rejected] == ["rate"] and rejected[0].value == 1, rejected
 
 
 async def test_concurrency_cap_is_429(make_api, limit_settings):

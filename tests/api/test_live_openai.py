@@ -9,6 +9,7 @@ import httpx
 import openai
 import pytest
 from openai import OpenAI
+from prometheus_client.parser import text_string_to_metric_families
 
 from promptfleet.api import create_app
 from promptfleet.platform.sampling import SamplingParams
@@ -110,8 +111,9 @@ def _idle(engine) -> bool:
 def _closed_requests(live) -> float:
     """How many completions this tenant closed before their answer (the 499 counter)."""
     metrics = httpx.get(f"{live.base_url}/metrics", timeout=30).text
-    line = 'promptfleet_completion_requests_total{model="gpt2",status="499",tenant="openai-user"} '
-    return next((float(row[len(line):]) for row in metrics.splitlines() if row.startswith(line)), 0.0)
+    want = {"model": "gpt2", "status": "499", "tenant": "openai-user"}
+    return sum(s.value for f in text_string_to_metric_families(metrics) for s in f.samples
+               if s.name == "promptfleet_completion_requests_total" and want.items() <= s.labels.items())
 
 
 def test_stream_disconnect_frees_the_engine_slot(live):
