@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from promptfleet.platform.config import ModelConfig
-from promptfleet.platform.kv_cache import PackedBatch, SlotBatch, SlotKVCache, resolve_attention
-from promptfleet.platform.native_kernels import unavailable_for, unavailable_reason
+from promptfleet.platform.kv_cache import StepBatch, SlotBatch, SlotKVCache, resolve_attention
+from promptfleet.platform.native_kernels import build_support, kernel_support
 from promptfleet.testing.skips import needs_native
 
 CFG = ModelConfig(n_layer=1, n_head=4, n_embd=32, n_positions=64)
@@ -79,7 +79,7 @@ def test_packed_groups_attend_like_separate_batches():
     pq, pk = torch.randn(2, 4, H, D, generator=gen), torch.randn(2, 4, H, D, generator=gen)
     alone_d = SlotBatch(caches[0], 0, [6, 6], [1, 1], 1).attend(0, dq, dk, dk)
     alone_p = SlotBatch(caches[0], 2, [0, 0], [4, 3], 4).attend(0, pq, pk, pk)
-    packed = PackedBatch([SlotBatch(caches[1], 0, [6, 6], [1, 1], 1), SlotBatch(caches[1], 2, [0, 0], [4, 3], 4)])
+    packed = StepBatch([SlotBatch(caches[1], 0, [6, 6], [1, 1], 1), SlotBatch(caches[1], 2, [0, 0], [4, 3], 4)])
     flat = lambda t: t.reshape(1, -1, H, D)  # noqa: E731
     out = packed.attend(0, torch.cat([flat(dq), flat(pq)], 1), torch.cat([flat(dk), flat(pk)], 1),
                         torch.cat([flat(dk), flat(pk)], 1))
@@ -91,9 +91,9 @@ def test_packed_groups_attend_like_separate_batches():
 def test_resolve_attention_refuses_what_cannot_run_here():
     cpu = torch.device("cpu")
     assert resolve_attention("sdpa", cpu, torch.float32, 64) == "sdpa"
-    bf16_native = unavailable_for(cpu, torch.bfloat16) is None  # needs AVX512-BF16
+    bf16_native = kernel_support(cpu, torch.bfloat16).available  # needs AVX512-BF16
     assert resolve_attention("auto", cpu, torch.bfloat16, 64) == ("avx512" if bf16_native else "sdpa")
-    assert resolve_attention("auto", cpu, torch.float32, 64) == ("avx512" if unavailable_reason() is None else "sdpa")
+    assert resolve_attention("auto", cpu, torch.float32, 64) == ("avx512" if build_support().available else "sdpa")
     assert resolve_attention("auto", cpu, torch.float32, 8) == "sdpa"
     with pytest.raises(ValueError, match="avx512 attention kernel cannot run here: head_dim 8 is not a multiple of 16"):
         resolve_attention("avx512", cpu, torch.float32, 8)

@@ -20,7 +20,7 @@ from promptfleet.platform.kv_cache import SlotBatch, SlotKVCache, resolve_attent
 from promptfleet.platform.linear_kernels import onednn_linear_available, resolve_kernels
 from promptfleet.platform.llama import Llama, rope_inv_freq
 from promptfleet.platform.model import DenseCache
-from promptfleet.platform.native_kernels import unavailable_for
+from promptfleet.platform.native_kernels import kernel_support
 from promptfleet.platform.random_checkpoint import make_random_llama_checkpoint
 from promptfleet.platform.sampling import SamplingParams
 from promptfleet.platform.weights import load_llama, load_model, resolve_checkpoint
@@ -30,8 +30,8 @@ log = logging.getLogger(__name__)
 
 ONEDNN = pytest.param("onednn", marks=pytest.mark.skipif(
     not onednn_linear_available(torch.device("cpu"), torch.float32), reason="this torch has no oneDNN"))
-_NATIVE = unavailable_for(torch.device("cpu"), torch.float32)
-AVX512 = pytest.param("avx512", marks=pytest.mark.skipif(_NATIVE is not None, reason=f"native kernels: {_NATIVE}"))
+_NATIVE = kernel_support(torch.device("cpu"), torch.float32)
+AVX512 = pytest.param("avx512", marks=pytest.mark.skipif(not _NATIVE.available, reason=f"native kernels: {_NATIVE.reason}"))
 KERNELS = ["torch", ONEDNN, AVX512]
 LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
                "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
@@ -182,7 +182,7 @@ async def test_engine_greedy_matches_transformers_generate(variant_checkpoints, 
 
 def test_auto_picks_the_native_kernels_for_llama_where_they_run(variant_checkpoints):
     cpu = torch.device("cpu")
-    native = _NATIVE is None
+    native = _NATIVE.available
     assert resolve_kernels("auto", cpu, torch.float32, "llama") == ("avx512" if native else "onednn")
     assert resolve_attention("auto", cpu, torch.float32, 64, "llama") == ("avx512" if native else "sdpa")
     assert resolve_attention("auto", cpu, torch.float32, 8, "llama") == "sdpa"  # head_dim 8: SDPA

@@ -8,7 +8,7 @@ from transformers import GPT2LMHeadModel
 from promptfleet.platform.config import ModelConfig, resolve_dtype
 from promptfleet.platform.linear_kernels import onednn_linear_available, resolve_kernels
 from promptfleet.platform.model import DenseCache
-from promptfleet.platform.native_kernels import unavailable_for, unavailable_reason
+from promptfleet.platform.native_kernels import build_support, kernel_support
 from promptfleet.platform.random_checkpoint import make_random_checkpoint
 from promptfleet.platform.tokenizer import load_tokenizer
 from promptfleet.platform.weights import load_gpt2
@@ -25,7 +25,7 @@ NO_ONEDNN = not onednn_linear_available(torch.device("cpu"), torch.float32)
 ONEDNN = pytest.param("onednn", marks=pytest.mark.skipif(NO_ONEDNN, reason="this torch has no oneDNN"))
 AVX512 = pytest.param("avx512", marks=needs_native(torch.float32))  # skips: promptfleet.testing.skips
 KERNELS = ["torch", ONEDNN, AVX512]
-BF16_NATIVE = unavailable_for(torch.device("cpu"), torch.bfloat16)
+BF16_NATIVE = kernel_support(torch.device("cpu"), torch.bfloat16).available
 AVX512_BF16 = pytest.param("avx512", marks=needs_native(torch.bfloat16))
 
 
@@ -89,9 +89,9 @@ def test_bfloat16_on_cpu_runs(tiny_checkpoint, kernels):
 
 
 def test_auto_kernels_pick_the_fastest_that_runs_and_refuse_unknown_names(tiny_checkpoint):
-    expected = "avx512" if unavailable_reason() is None else "torch" if NO_ONEDNN else "onednn"
+    expected = "avx512" if build_support().available else "torch" if NO_ONEDNN else "onednn"
     assert load_gpt2(tiny_checkpoint).linear_kernels == expected
-    bf16 = "avx512" if BF16_NATIVE is None else "torch" if NO_ONEDNN else "onednn"  # native bf16: AVX512-BF16
+    bf16 = "avx512" if BF16_NATIVE else "torch" if NO_ONEDNN else "onednn"  # native bf16: AVX512-BF16
     assert load_gpt2(tiny_checkpoint, dtype=torch.bfloat16).linear_kernels == bf16
     with pytest.raises(ValueError, match=r"avx512 linear kernel cannot run here: they run float32 \(or bfloat16\) on CPU"):
         resolve_kernels("avx512", torch.device("cpu"), torch.float16)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 from pathlib import Path
 
 import pytest
@@ -80,7 +79,7 @@ def assert_auto_falls_back(checkpoint: Path, reference: list[list[int]], builds:
     tokens, engine = generate(checkpoint, EngineConfig(max_batch_size=4))
     assert (engine.model.linear_kernels, engine.attention_backend) == (FALLBACK_LINEARS, "sdpa")
     assert tokens == reference
-    assert nk.unavailable_reason() is not None
+    assert not nk.build_support().available
     with pytest.raises(KernelUnavailable):
         nk.native_kernels()
     generate(checkpoint, EngineConfig(max_batch_size=4))  # a second engine: still no retry, no new warning
@@ -168,8 +167,8 @@ def test_an_unforeseen_error_is_a_cached_refusal(fresh_build, monkeypatch, caplo
     monkeypatch.setattr(nk, "build_library", broken)
     caplog.set_level(logging.INFO)
     for _ in range(3):
-        assert "ZeroDivisionError: a bug in the build" in nk.unavailable_reason()
-        assert nk.unavailable_for(torch.device("cpu"), torch.float32) is not None
+        assert "ZeroDivisionError: a bug in the build" in nk.build_support().reason
+        assert not nk.kernel_support(torch.device("cpu"), torch.float32).available
         with pytest.raises(KernelUnavailable, match="ZeroDivisionError"):
             nk.native_kernels()
     assert len(fresh_build) == 1
@@ -193,7 +192,7 @@ def spy_on_native(monkeypatch: pytest.MonkeyPatch) -> list[str]:
             return fn(*args, **kwargs)
         return spy
 
-    if nk.unavailable_reason() is None:
+    if nk.build_support().available:
         lib = nk.native_kernels().lib
         for name in NATIVE_FUNCTIONS:
             if hasattr(lib, name):
@@ -217,7 +216,7 @@ def test_non_native_config_calls_no_native_kernel(linears, small_checkpoint, mon
 
 def test_the_spy_sees_native_calls(small_checkpoint, monkeypatch):
     """The spy above can fail: an ``auto`` engine where the kernels run is seen calling them."""
-    if nk.unavailable_for(torch.device("cpu"), torch.float32) is not None:
+    if not nk.kernel_support(torch.device("cpu"), torch.float32).available:
         require_native(torch.float32)
     calls = spy_on_native(monkeypatch)
     generate(small_checkpoint, EngineConfig(max_batch_size=4))

@@ -10,16 +10,16 @@ import json
 import pytest
 import torch
 
-from promptfleet.platform.kv_cache import PackedBatch, SlotBatch, SlotKVCache
-from promptfleet.platform.native_kernels import unavailable_for
-from promptfleet.platform.packing import PackedInput
+from promptfleet.platform.kv_cache import StepBatch, SlotBatch, SlotKVCache
+from promptfleet.platform.native_kernels import kernel_support
+from promptfleet.platform.step_input import StepInput
 from promptfleet.platform.random_checkpoint import make_random_checkpoint, make_random_llama_checkpoint
 from promptfleet.platform.runner import ModelRunner
 from promptfleet.platform.weights import load_model
 from promptfleet.testing.skips import needs_native, require_native
 
 CPU = torch.device("cpu")
-NATIVE = unavailable_for(CPU, torch.float32)
+NATIVE = kernel_support(CPU, torch.float32)
 FP32 = pytest.param(torch.float32, marks=needs_native(torch.float32))  # skips: promptfleet.testing.skips
 BF16 = pytest.param(torch.bfloat16, marks=needs_native(torch.bfloat16))
 
@@ -40,11 +40,11 @@ def _filled_cache(model, dtype: torch.dtype, backend: str = "avx512") -> SlotKVC
     return cache
 
 
-def _decode_batch(cache: SlotKVCache, starts: list[int], seed: int) -> PackedInput:
+def _decode_batch(cache: SlotKVCache, starts: list[int], seed: int) -> StepInput:
     rows = len(starts)
     ids = torch.randint(0, 50257, (1, rows), generator=torch.Generator().manual_seed(seed))
-    return PackedInput(ids=ids, positions=torch.tensor(starts)[None],
-                       ctx=PackedBatch([SlotBatch(cache, 0, starts, [1] * rows, 1)]), last=torch.arange(rows))
+    return StepInput(ids=ids, positions=torch.tensor(starts)[None],
+                       ctx=StepBatch([SlotBatch(cache, 0, starts, [1] * rows, 1)]), last=torch.arange(rows))
 
 
 @pytest.mark.parametrize("dtype", [FP32, BF16])
@@ -71,7 +71,7 @@ def test_replayed_decode_is_the_module_path_bit_for_bit(checkpoints, family, dty
 def test_only_decode_only_native_steps_replay(checkpoints, monkeypatch):
     """Prompt chunks, mixed steps and SDPA attention take the module forward; so does a
     model whose forward computes in torch between the kernels (unfusable erf GELU)."""
-    if NATIVE is not None:
+    if not NATIVE.available:
         require_native(torch.float32)
     model = load_model(checkpoints["llama"], linear_kernels="avx512")
     cache = _filled_cache(model, torch.float32)
@@ -79,9 +79,9 @@ def test_only_decode_only_native_steps_replay(checkpoints, monkeypatch):
     calls = []
     monkeypatch.setattr(runner, "_decode", lambda batch, group: calls.append(group) or None)
     prompt = SlotBatch(cache, 4, [0, 0], [3, 2], 3)
-    for ctx in (PackedBatch([prompt]), PackedBatch([SlotBatch(cache, 0, [3, 4], [1, 1], 1), prompt])):
+    for ctx in (StepBatch([prompt]), StepBatch([SlotBatch(cache, 0, [3, 4], [1, 1], 1), prompt])):
         with torch.inference_mode():
-            runner.forward(PackedInput(ids=torch.ones(1, sum(ctx.sizes), dtype=torch.long),
+            runner.forward(StepInput(ids=torch.ones(1, sum(ctx.sizes), dtype=torch.long),
                                        positions=torch.zeros(1, sum(ctx.sizes), dtype=torch.long), ctx=ctx,
                                        last=torch.zeros(1, dtype=torch.long)))
     assert calls == []
@@ -92,7 +92,7 @@ def test_only_decode_only_native_steps_replay(checkpoints, monkeypatch):
 
 
 def test_a_forward_that_computes_in_torch_keeps_the_module_path(tmp_path, caplog):
-    if NATIVE is not None:
+    if not NATIVE.available:
         require_native(torch.float32)
     ckpt = make_random_checkpoint(tmp_path / "erf", shape="small-test", seed=2)
     config = json.loads((ckpt / "config.json").read_text())

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from promptfleet.platform.linear_kernels import onednn_linear_available
-from promptfleet.platform.native_kernels import native_kernels, unavailable_for
+from promptfleet.platform.native_kernels import kernel_support, native_kernels
 from promptfleet.platform.random_checkpoint import make_random_checkpoint
 
 log = logging.getLogger(__name__)
@@ -43,7 +43,7 @@ def matmul_peak_flops(dtype: torch.dtype = torch.float32, device: str = "cpu", n
     if onednn_linear_available(a.device, dtype):
         packed = torch.ops.mkldnn._reorder_linear_weight(b, n)
         kernels["onednn"] = lambda: torch.ops.mkldnn._linear_pointwise(a, packed, None, "none", [], "")
-    if unavailable_for(torch.device(device), dtype) is None:
+    if kernel_support(torch.device(device), dtype).available:
         gemm = native_kernels()
         panels = gemm.pack(b.T)
         kernels["avx512"] = lambda: gemm.linear(a, panels, n)

@@ -16,8 +16,8 @@ _REPLACEMENT = "\ufffd"
 
 
 class IncrementalDetokenizer:
-    def __init__(self, decode: Callable[[list[int]], str]) -> None:
-        self._decode = decode
+    def __init__(self, detokenize: Callable[[list[int]], str]) -> None:
+        self._detokenize = detokenize
         self.ids: list[int] = []
         self.text = ""
         self._prefix_offset = 0  # window start: a token boundary that is also a character boundary
@@ -35,8 +35,8 @@ class IncrementalDetokenizer:
     def _advance(self, *, final: bool) -> str:
         if self._read_offset == len(self.ids):
             return ""
-        done = self._decode(self.ids[self._prefix_offset:self._read_offset])
-        window = self._decode(self.ids[self._prefix_offset:])
+        done = self._detokenize(self.ids[self._prefix_offset:self._read_offset])
+        window = self._detokenize(self.ids[self._prefix_offset:])
         if not final and (len(window) <= len(done) or window.endswith(_REPLACEMENT)):
             return ""
         delta = window[len(done):]

@@ -27,7 +27,7 @@ from promptfleet.platform.config import EngineConfig, ModelConfig, resolve_dtype
 from promptfleet.platform.kv_cache import SlotKVCache, resolve_attention
 from promptfleet.platform.llama import Llama
 from promptfleet.platform.model import GPT2
-from promptfleet.platform.packing import MIN_PROMPT_TOKENS, Group, pack, plan_step
+from promptfleet.platform.step_input import MIN_PROMPT_TOKENS, Group, build_step_input, plan_step
 from promptfleet.platform.runner import ModelRunner
 from promptfleet.platform.sampling import SamplingParams, sample
 from promptfleet.platform.scheduler import QueueFullError, RequestTooLargeError, Scheduler
@@ -93,7 +93,7 @@ class Engine:
                                     self.model_config.family)
         self.attention_backend = backend
         # the cache allocates what kv_cache_bytes holds (slots of max_model_len positions, and
-        # flash-attn's margin for padded prompt tokens: the widest chunk a step packs)
+        # flash-attn's margin for padded prompt tokens: the widest chunk a step carries)
         self.cache = SlotKVCache.for_budget(
             self.model_config, budget_bytes=c.kv_cache_bytes, max_slots=c.max_batch_size, max_len=self.max_model_len,
             device=self.device, dtype=self.dtype, backend=backend,
@@ -122,7 +122,7 @@ class Engine:
         self._scale: BackboneScale | None = None  # what adapters' values are measured against
         self.checkpoint_path: Path | None = None
         self._weights_id: str | None = None
-        self._decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        self._detokenize = lambda ids: tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -213,7 +213,7 @@ class Engine:
         queue: asyncio.Queue[CompletionDelta] = asyncio.Queue()
         seq = Sequence(prompt_ids=ids, params=params, adapter=prefix,
                        emit=lambda d: self._outbox.append((loop, queue, d)),
-                       decode=self._decode, eos_token_ids=self.model_config.eos_token_ids,
+                       detokenize=self._detokenize, eos_token_ids=self.model_config.eos_token_ids,
                        repetition=self.config.repetition)
         self.scheduler.check_fits(seq)
         self._submit(seq)
@@ -328,7 +328,7 @@ class Engine:
     def step(self) -> None:
         """Admit what fits, then ONE forward: a decode token for every running sequence
         whose prompt is cached, plus prompt chunks up to ``max_step_tokens`` (see
-        ``packing.plan_step``). A prompt arriving mid-stream costs its own tokens' share
+        ``step_input.plan_step``). A prompt arriving mid-stream costs its own tokens' share
         of a pass, and a long one is spread over steps instead of stalling every stream.
 
         Failures stay with the request that caused them: a row whose hidden state or
@@ -392,7 +392,7 @@ class Engine:
             self.scheduler.release(seq)
 
     def _forward_and_sample(self, groups: list[Group]) -> None:
-        batch = pack(groups, self.cache, n_positions=self.model_config.n_positions, device=self.device)
+        batch = build_step_input(groups, self.cache, n_positions=self.model_config.n_positions, device=self.device)
         hidden = self.runner.forward(batch)
         seqs = [s for g in groups if g.sample for s in g.seqs]
         tokens = self._sample_rows(hidden[0, batch.last], seqs) if seqs else []

@@ -8,7 +8,7 @@ token's keys for all heads are one contiguous row: a decode step writes B rows o
 ``heads * head_dim`` (not B * heads scattered ones) and SDPA reads ``[B, H, T, D]`` as a
 strided view. ``pad`` is 1 for SDPA (position ``max_len`` is a scratch row that padded
 prefill tokens write into) and, for flash-attn, which appends padded prompt tokens past
-each row's end, the widest prompt chunk a step packs (``max_step_tokens``).
+each row's end, the widest prompt chunk a step carries (``max_step_tokens``).
 
 Capacity follows the budget (``SlotKVCache.for_budget``): as many slots of ``max_len``
 positions as ``kv_cache_bytes`` holds, up to ``max_batch_size``, pad included, so what is
@@ -22,8 +22,7 @@ Attention backends (``resolve_attention``): ``flash`` (flash-attn, CUDA fp16/bf1
 ``sdpa`` (torch SDPA), and ``avx512`` on CPU (fp32; bf16 where the CPU has AVX512-BF16):
 SDPA for prompt chunks, and decode groups (one new token per row) through
 ``native_kernels``' decode attention, which reads each row's keys and values front to
-back once (8.2 vs 12.5 ms for SDPA over 12 layers at batch 32, 84 positions: 24 vs 15
-GB/s), grouped-query heads included.
+back once (faster than SDPA at decode: README, Benchmarks: "Figures behind the kernel choices"), grouped-query heads included.
 """
 from __future__ import annotations
 
@@ -34,7 +33,7 @@ import torch.nn.functional as F
 
 from promptfleet.platform.adapter import AdapterPrefix
 from promptfleet.platform.config import ModelConfig
-from promptfleet.platform.native_kernels import NativeKernels, native_kernels, unavailable_for
+from promptfleet.platform.native_kernels import NativeKernels, kernel_support, native_kernels
 
 ATTENTION = ("auto", "sdpa", "flash", "avx512")
 
@@ -65,7 +64,7 @@ def resolve_attention(name: str, device: torch.device, dtype: torch.dtype, head_
             raise ValueError("flash attention needs the flash-attn package (pip install 'promptfleet[gpu]', CUDA)")
         return "flash"
     if name in ("auto", "avx512"):
-        reason = f"head_dim {head_dim} is not a multiple of 16" if head_dim % 16 else unavailable_for(device, dtype)
+        reason = f"head_dim {head_dim} is not a multiple of 16" if head_dim % 16 else kernel_support(device, dtype).reason
         if reason is None:
             return "avx512"
         if name == "avx512":
@@ -211,8 +210,8 @@ class SlotBatch:
         q = q.transpose(1, 2)
         gqa = q.shape[1] != keys.shape[1]  # grouped-query attention: SDPA shares each KV head
         if q.dtype == torch.bfloat16 and q.device.type == "cpu":
-            # torch's CPU flash kernel is ~5x slower in bf16 than in fp32 (36.6 vs 6.8 ms a
-            # batch-32 decode step, upcasting included): read the bf16 cache, attend in fp32
+            # torch's CPU flash kernel is several times slower in bf16 than in fp32, upcasting
+            # included (README, Benchmarks): read the bf16 cache, attend in fp32
             out = F.scaled_dot_product_attention(q.float(), keys.float(), values.float(), attn_mask=self.mask,
                                                  scale=1.0 / math.sqrt(q.shape[-1]), enable_gqa=gqa).to(q.dtype)
         else:
@@ -233,8 +232,8 @@ class SlotBatch:
         )
 
 
-class PackedBatch:
-    """Attention context for several ``SlotBatch`` groups whose tokens are packed one
+class StepBatch:
+    """Attention context for several ``SlotBatch`` groups whose tokens are laid one
     after another into a single ``[1, N]`` forward, e.g. the running sequences' decode
     tokens and the prompts admitted this step: the linears (most of a step's cost, bound
     by reading the weights) see one matrix of all N tokens; attention runs per group."""

@@ -1,17 +1,11 @@
 """Inference linears on packed weights (CPU): our AVX-512 kernel, or oneDNN.
 
 ``avx512`` (``native_kernels.py``; fp32, and bf16 on CPUs with AVX512-BF16) is the
-fastest at decode: measured on the
-2-core Intel Xeon (AMX-capable, fp32 peak ~330 GFLOP/s) for GPT-2-small's linears at 32
-rows with weights cold in DRAM, 214-272 GFLOP/s against oneDNN's 167-186 and MKL's
-131-154, because it keeps the weight stream going while it computes (see the C file).
-
-PyTorch's CPU ``F.linear`` calls MKL's sgemm, which on AMD CPUs runs its AVX2 code
-path; oneDNN (shipped inside torch) JITs AVX-512 kernels for whatever CPU it finds.
-Measured on this project's 2-core AMD EPYC (Zen 5) for the decode shapes of GPT-2-small
-at batch 32: 150-170 GFLOP/s with ``F.linear`` against 450-460 with oneDNN on weights
-packed once into its blocked layout, the same fp32 arithmetic (max |diff| ~1e-4 on
-outputs of size ~30). The MLP's GELU is fused into the packed ``c_fc``.
+fastest at decode, because it keeps the weight stream going while it computes (see the C
+file). PyTorch's CPU ``F.linear`` calls MKL's sgemm, which on AMD CPUs runs its AVX2 code
+path; oneDNN (shipped inside torch) JITs AVX-512 kernels for whatever CPU it finds, on
+weights packed once into its blocked layout (the same fp32 arithmetic, max |diff| ~1e-4).
+The measurements behind this order: README, Benchmarks: "Figures behind the kernel choices". The MLP's GELU is fused into the packed ``c_fc``.
 
 ``pack_linears(model)`` swaps every block's ``nn.Linear`` for a ``PackedLinear``
 (oneDNN) or a ``NativeLinear`` (``native_layers.py``; with ``avx512`` GPT-2's layer norms
@@ -30,7 +24,7 @@ from torch import nn
 
 from promptfleet.platform.llama import Llama
 from promptfleet.platform.model import GPT2
-from promptfleet.platform.native_kernels import huge_page_empty, native_kernels, unavailable_for
+from promptfleet.platform.native_kernels import huge_page_empty, kernel_support, native_kernels
 from promptfleet.platform.native_layers import (SILU_GATE, NativeLayerNorm, NativeLinear, NativeRMSNorm, NativeRotary,
                                                 pad_rows, weight_and_bias)
 
@@ -77,7 +71,7 @@ def resolve_kernels(kernels: str, device: torch.device, dtype: torch.dtype, fami
     if kernels not in KERNELS:
         raise ValueError(f"unknown linear kernels {kernels!r}; use one of {', '.join(KERNELS)}")
     if kernels in ("auto", "avx512"):
-        reason = unavailable_for(device, dtype)
+        reason = kernel_support(device, dtype).reason
         if reason is None:
             return "avx512"
         if kernels == "avx512":

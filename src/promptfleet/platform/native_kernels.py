@@ -33,7 +33,7 @@ from promptfleet.platform.native_trace import invoke
 log = logging.getLogger(__name__)
 
 __all__ = ["FUSED_ACTIVATIONS", "KernelUnavailable", "NativeKernels", "build_library", "huge_page_empty",
-           "native_kernels", "unavailable_for", "unavailable_reason"]
+           "native_kernels", "KernelSupport", "kernel_support", "build_support"]
 # activations the GEMM applies in its epilogue (our names -> the C enum); others run after it
 FUSED_ACTIVATIONS = {"gelu_new": 1, "gelu_pytorch_tanh": 1, "gelu_fast": 1, "relu": 2}
 
@@ -232,8 +232,8 @@ MADV_HUGEPAGE = 14  # Linux
 def huge_page_empty(numel: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """An uninitialised 1-D tensor on 2 MB-aligned memory advised for transparent huge
     pages before anything touches it. The packed weights are streamed from DRAM every
-    decode step; on 4 KB pages that is 122k TLB misses a step for GPT-2-small, and huge
-    pages made a whole model's linears 3-5% faster, side by side. Where THP is off or
+    decode step; on 4 KB pages that is 122k TLB misses a step for GPT-2-small (huge pages
+    are faster side by side: README, Benchmarks). Where THP is off or
     ``madvise`` fails, plain pages: same numbers, a little slower."""
     size = torch.empty(0, dtype=dtype).element_size()
     span = -(-numel * size // HUGE_PAGE) * HUGE_PAGE
@@ -324,20 +324,32 @@ def native_kernels() -> NativeKernels:
     return outcome
 
 
-def unavailable_reason() -> str | None:
-    """``None`` when the kernel runs here, else why not."""
+@dataclass(frozen=True)
+class KernelSupport:
+    """Whether the native kernels run (here, or for a device and dtype), and if not, why."""
+
+    reason: str | None = None  # None: they run
+
+    @property
+    def available(self) -> bool:
+        return self.reason is None
+
+
+def build_support() -> KernelSupport:
+    """Whether the kernel library built and loaded in this process (else why not)."""
     outcome = _outcome()
-    return str(outcome) if isinstance(outcome, KernelUnavailable) else None
+    return KernelSupport(str(outcome) if isinstance(outcome, KernelUnavailable) else None)
 
 
-def unavailable_for(device: torch.device, dtype: torch.dtype) -> str | None:
-    """``None`` when the kernels run on tensors of this device and dtype, else why not."""
+def kernel_support(device: torch.device, dtype: torch.dtype) -> KernelSupport:
+    """Whether the kernels run on tensors of this device and dtype (else why not)."""
     if device.type != "cpu" or dtype not in (torch.float32, torch.bfloat16):
-        return f"they run float32 (or bfloat16) on CPU (got {device.type}, {dtype})"
-    reason = unavailable_reason()
-    if reason is None and dtype == torch.bfloat16 and not native_kernels().bf16:
+        return KernelSupport(f"they run float32 (or bfloat16) on CPU (got {device.type}, {dtype})")
+    built = build_support()
+    if built.available and dtype == torch.bfloat16 and not native_kernels().bf16:
         missing = [flag for flag in BF16_FLAGS if flag not in cpu_flags()]
         if not missing:
-            return "bfloat16 kernels need a compiler with AVX512-BF16 intrinsics (GCC 10+, clang 9+)"
-        return f"bfloat16 needs a CPU with {', '.join(BF16_FLAGS)} (this one lacks {', '.join(missing)})"
-    return reason
+            return KernelSupport("bfloat16 kernels need a compiler with AVX512-BF16 intrinsics (GCC 10+, clang 9+)")
+        return KernelSupport(f"bfloat16 needs a CPU with {', '.join(BF16_FLAGS)} "
+                             f"(this one lacks {', '.join(missing)})")
+    return built

@@ -18,7 +18,7 @@ import torch
 
 from promptfleet.platform.kv_cache import SlotBatch, SlotKVCache
 from promptfleet.platform.native_trace import DecodeGraph, NotReplayable, capture
-from promptfleet.platform.packing import PackedInput
+from promptfleet.platform.step_input import StepInput
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ class ModelRunner:
         self.replays = self.kernels is not None and model.linear_kernels == "avx512"
         self._by_rows: dict[int, _Replay | None] = {}  # padded rows -> replay (None: not replayable)
 
-    def forward(self, batch: PackedInput) -> torch.Tensor:
+    def forward(self, batch: StepInput) -> torch.Tensor:
         """Hidden states after the final norm, ``[1, N, d]``."""
         groups = batch.ctx.groups
         if self.replays and len(groups) == 1 and groups[0].native_lens is not None and groups[0].slot0 == 0:
@@ -67,7 +67,7 @@ class ModelRunner:
                 return hidden
         return self.model(batch.ids, batch.positions, batch.ctx)
 
-    def _decode(self, batch: PackedInput, group: SlotBatch) -> torch.Tensor | None:
+    def _decode(self, batch: StepInput, group: SlotBatch) -> torch.Tensor | None:
         rows, model = group.B, self.model
         padded = self.kernels.padded_rows(rows)
         if padded not in self._by_rows:

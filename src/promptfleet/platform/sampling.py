@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from promptfleet.platform.native_kernels import native_kernels, unavailable_for
+from promptfleet.platform.native_kernels import kernel_support, native_kernels
 
 
 # Temperature below this samples greedily (vLLM's convention): dividing logits by a
@@ -83,9 +83,9 @@ def apply_repetition_penalty(logits: torch.Tensor, history: list[int], penalty: 
     return logits
 
 
-# Top-p looks for the nucleus among the most likely 256, then 4096 tokens (a topk is 5-40x
-# cheaper than sorting 50k logits: 4.5 and 18 ms vs 100 ms for 64 rows); only rows whose
-# nucleus is wider still are sorted whole.
+# Top-p looks for the nucleus among the most likely 256, then 4096 tokens (a topk is much
+# cheaper than sorting 50k logits: README, Benchmarks); only rows whose nucleus is wider
+# still are sorted whole.
 NUCLEUS_CANDIDATES = (256, 4096)
 # Inverse-CDF sampling in two levels: blocks of this many tokens, then one block.
 DRAW_BLOCK = 256
@@ -144,8 +144,8 @@ def _drop(sorted_probs: torch.Tensor, ps: torch.Tensor) -> torch.Tensor:
 def draw(probs: torch.Tensor, generators: list[torch.Generator]) -> list[int]:
     """One index per row of ``probs`` ``[R, V]`` by inverse-CDF sampling, row r's uniform
     from ``generators[r]``: pick a block of ``DRAW_BLOCK`` tokens by its mass, then a token
-    inside it. Exact in distribution; a per-row ``torch.multinomial`` costs ~0.8 ms per 50k
-    probabilities on CPU, this ~1 ms for 64 rows. A zero-probability token is never drawn
+    inside it. Exact in distribution, and batched (a per-row ``torch.multinomial`` costs about
+    as much for one row as this for a whole batch: README, Benchmarks). A zero-probability token is never drawn
     (its CDF step is empty)."""
     rows, vocab = probs.shape
     full = vocab // DRAW_BLOCK
@@ -168,9 +168,9 @@ def draw(probs: torch.Tensor, generators: list[torch.Generator]) -> list[int]:
 
 def greedy_tokens(logits: torch.Tensor, *, native_argmax: bool = False) -> list[int]:
     """``logits.argmax(-1)`` as a list; with ``native_argmax`` (the engine runs on the native
-    kernels) on the AVX-512 kernel for fp32 CPU logits, where it runs (torch's CPU argmax
-    takes ~2 ms over 32 x 50257 logits; the kernel is fp32 only)."""
-    if native_argmax and logits.dtype == torch.float32 and unavailable_for(logits.device, logits.dtype) is None:
+    kernels) on the AVX-512 kernel for fp32 CPU logits, where it runs (about 10x faster than
+    torch's CPU argmax at batch 32: README, Benchmarks; the kernel is fp32 only)."""
+    if native_argmax and logits.dtype == torch.float32 and kernel_support(logits.device, logits.dtype).available:
         return native_kernels().argmax(logits)
     return logits.argmax(dim=-1).tolist()
 

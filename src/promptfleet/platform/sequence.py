@@ -66,7 +66,7 @@ class Sequence:
     params: SamplingParams
     adapter: AdapterPrefix | None
     emit: Callable[[CompletionDelta], None]
-    decode: Callable[[list[int]], str]
+    detokenize: Callable[[list[int]], str]
     eos_token_ids: tuple[int, ...]  # any of them ends the sequence (Llama-3-style models have several)
     repetition: RepetitionConfig
     id: int = field(default_factory=lambda: next(_ids))
@@ -83,7 +83,7 @@ class Sequence:
     def __post_init__(self) -> None:
         if self.params.seed is not None:
             self.generator = torch.Generator().manual_seed(int(self.params.seed))
-        self._detok = IncrementalDetokenizer(self.decode)
+        self._detok = IncrementalDetokenizer(self.detokenize)
 
     @property
     def n_prefix(self) -> int:

@@ -1,12 +1,12 @@
 """One engine step's model input: groups of sequences (the running batch's decode tokens,
-chunks of prompts being prefilled) packed into a single ``[1, N]`` forward.
+chunks of prompts being prefilled) laid side by side in a single ``[1, N]`` forward.
 
 ``plan_step`` decides what a step carries: one decode token of every sequence whose
 prompt is in the cache, plus prompt tokens up to a per-step budget, in slot order -- a
 long prompt is prefilled over several steps (chunked prefill) so the streams already
 running keep their pace. Each group is a rectangle: its sequences sit in consecutive KV
 slots and bring new tokens right-padded to the group's longest (equal lengths in
-practice); ``PackedBatch`` runs attention per group.
+practice); ``StepBatch`` runs attention per group.
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from promptfleet.platform.kv_cache import PackedBatch, SlotBatch, SlotKVCache
+from promptfleet.platform.kv_cache import StepBatch, SlotBatch, SlotKVCache
 from promptfleet.platform.sequence import Sequence
 
 
@@ -71,20 +71,20 @@ def plan_step(running: list[Sequence], *, max_step_tokens: int,
 
 
 @dataclass
-class PackedInput:
+class StepInput:
     ids: torch.Tensor        # [1, N]
     positions: torch.Tensor  # [1, N]
-    ctx: PackedBatch
+    ctx: StepBatch
     last: torch.Tensor       # [sampled rows]: index in N of each sampling row's last new token
 
 
-def pack(groups: list[Group], cache: SlotKVCache, *, n_positions: int, device: torch.device) -> PackedInput:
+def build_step_input(groups: list[Group], cache: SlotKVCache, *, n_positions: int, device: torch.device) -> StepInput:
     ids, positions, contexts, last = [], [], [], []
     offset = 0
     for g in groups:
         slot0 = g.seqs[0].slot
         if any(s.slot != slot0 + i for i, s in enumerate(g.seqs)):
-            raise AssertionError("a packed group must occupy consecutive KV slots")
+            raise AssertionError("a group must occupy consecutive KV slots")
         q_lens = [len(t) for t in g.new_tokens]
         width = max(q_lens)
         block = torch.zeros(len(g.seqs), width, dtype=torch.long)
@@ -98,5 +98,5 @@ def pack(groups: list[Group], cache: SlotKVCache, *, n_positions: int, device: t
         if g.sample:
             last.extend(offset + b * width + q - 1 for b, q in enumerate(q_lens))
         offset += len(g.seqs) * width
-    return PackedInput(ids=torch.cat(ids)[None].to(device), positions=torch.cat(positions)[None].to(device),
-                       ctx=PackedBatch(contexts), last=torch.tensor(last, dtype=torch.long, device=device))
+    return StepInput(ids=torch.cat(ids)[None].to(device), positions=torch.cat(positions)[None].to(device),
+                       ctx=StepBatch(contexts), last=torch.tensor(last, dtype=torch.long, device=device))

@@ -51,9 +51,9 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 def native_unavailable(dtype: torch.dtype = torch.float32) -> str | None:
     """Why the native kernels do not run here for ``dtype``, or ``None`` when they do."""
-    from promptfleet.platform.native_kernels import unavailable_for
+    from promptfleet.platform.native_kernels import kernel_support
 
-    return unavailable_for(torch.device("cpu"), dtype)
+    return kernel_support(torch.device("cpu"), dtype).reason
 
 
 def needs_native(dtype: torch.dtype = torch.float32) -> pytest.MarkDecorator:
