@@ -235,6 +235,34 @@ def job_cancel(job_id: str, url: str = URL, key: Optional[str] = KEY) -> None:
     _print(_run(lambda: _client(url, key).cancel_job(job_id)))
 
 
+# ---------------------------------------------------------------- kernels
+kernels_app = typer.Typer(help="The native CPU kernels (platform/csrc): build them ahead of time.",
+                          no_args_is_help=True)
+app.add_typer(kernels_app, name="kernels")
+
+
+@kernels_app.command("build")
+def kernels_build(cache_dir: Optional[Path] = typer.Option(
+        None, help="Where the library goes (default: $XDG_CACHE_HOME/promptfleet/kernels).")) -> None:
+    """Compile the AVX-512 kernels now (an image build, a deploy step) instead of on the
+    engine's first start, and load them once to check they run on this CPU. Exit 1, saying
+    why, where they cannot: the engine then runs oneDNN linears and SDPA attention."""
+    import time
+
+    from promptfleet.platform.native_build import KernelUnavailable, build_library, plan_build
+    from promptfleet.platform.native_kernels import load
+
+    try:
+        cached = plan_build(cache_dir=cache_dir).target.exists()
+        t0 = time.perf_counter()
+        path = build_library(cache_dir=cache_dir)
+        kernels = load(path)
+    except KernelUnavailable as exc:
+        _fail(f"the native kernels cannot be built or loaded here: {exc}")
+    took = "already built" if cached else f"built in {time.perf_counter() - t0:.1f} s"
+    typer.echo(f"{path} ({took}; fp32{' + bf16' if kernels.bf16 else ''} kernels load on this CPU)")
+
+
 # ---------------------------------------------------------------- bench and demo
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def bench(ctx: typer.Context, which: str = typer.Argument(

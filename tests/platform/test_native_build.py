@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from promptfleet.platform.native_build import KernelUnavailable, build_library
-from promptfleet.platform.native_kernels import unavailable_reason
+from promptfleet.platform.native_kernels import build_support
 from promptfleet.testing.skips import needs_native
 
 needs_kernel = needs_native()  # why a skip is legitimate: promptfleet.testing.skips
@@ -20,8 +20,9 @@ def test_build_is_cached_by_content(tmp_path):
 
 
 def test_a_missing_or_failing_compiler_is_a_clear_refusal(tmp_path):
-    if unavailable_reason() is not None and "compiler" not in unavailable_reason():
-        pytest.skip(f"refused before the compiler is asked: {unavailable_reason()}")
+    reason = build_support().reason
+    if reason is not None and "compiler" not in reason:
+        pytest.skip(f"refused before the compiler is asked: {reason}")
     with pytest.raises(KernelUnavailable, match="no C compiler 'no-such-cc'"):
         build_library(compiler="no-such-cc", cache_dir=tmp_path)
     with pytest.raises(KernelUnavailable, match="compiling the AVX-512 kernels failed"):
@@ -68,3 +69,32 @@ def test_a_compiler_without_bf16_intrinsics_still_builds_the_fp32_kernels(tmp_pa
     assert kernels.lib.pf_has_bf16() == 0
     weight, x = torch.randn(48, 16), torch.randn(8, 16)
     assert torch.allclose(kernels.linear(x, kernels.pack(weight), 48), F.linear(x, weight), atol=1e-5)
+
+
+def _kernels_build(*args: str, env: dict | None = None):
+    import os
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "promptfleet.cli", "kernels", "build", *args], capture_output=True,
+                          text=True, timeout=300, env={**os.environ, **(env or {})})
+
+
+@needs_kernel
+def test_kernels_build_command_builds_ahead_of_time_then_reuses(tmp_path):
+    """``promptfleet kernels build`` (the Dockerfile runs it) leaves the library the engine
+    would build, in the cache dir given, loadable here; a second run compiles nothing."""
+    from promptfleet.platform.native_build import plan_build
+
+    first = _kernels_build("--cache-dir", str(tmp_path))
+    assert first.returncode == 0, first.stderr
+    target = plan_build(cache_dir=tmp_path).target
+    assert target.is_file() and str(target) in first.stdout and "built in" in first.stdout
+    again = _kernels_build("--cache-dir", str(tmp_path))
+    assert again.returncode == 0 and "already built" in again.stdout, again.stdout + again.stderr
+
+
+def test_kernels_build_command_says_why_it_cannot(tmp_path):
+    got = _kernels_build("--cache-dir", str(tmp_path), env={"CC": "no-such-cc"})
+    assert got.returncode == 1 and "cannot be built or loaded here" in got.stderr, got.stderr
+    assert list(tmp_path.iterdir()) == []
