@@ -10,10 +10,7 @@ allocations that tracemalloc misses -- and must take < 1 s and < 64 MiB.
 from __future__ import annotations
 
 import json
-import os
 import struct
-import subprocess
-import sys
 import tarfile
 import zlib
 from pathlib import Path
@@ -27,6 +24,7 @@ from promptfleet.adapters.models import AdapterVersion
 from promptfleet.adapters.service import import_adapter, load_adapter_weights
 from promptfleet.db import session_scope
 from promptfleet.testing.archives import tar_gz_with, zip_bytes
+from promptfleet.testing.hostile import measure_refusal, zip64_bomb
 from promptfleet.testing.peft import make_peft_adapter
 
 MAX_SECONDS = 1.0
@@ -35,28 +33,6 @@ BOMB_BYTES = 256 << 20
 
 
 # --- hostile archive builders ------------------------------------------------------------
-
-def zip64_bomb(files: dict[str, bytes], *, claimed: int = 600_000) -> bytes:
-    """A zip holding ``files`` (stored) whose central directory really has ``claimed`` entries
-    (1-byte names, all pointing at the first member): the zip64 end-of-central-directory
-    record says so, while the classic record claims 1 entry and a small directory."""
-    body, central = bytearray(), []
-    for name, data in files.items():
-        offset, crc, encoded = len(body), zlib.crc32(data), name.encode()
-        body += struct.pack("<4s5H3L2H", b"PK\x03\x04", 20, 0, 0, 0, 0x21, crc, len(data), len(data),
-                            len(encoded), 0) + encoded + data
-        central.append(struct.pack("<4s6H3L5H2L", b"PK\x01\x02", 20, 20, 0, 0, 0, 0x21, crc, len(data), len(data),
-                                   len(encoded), 0, 0, 0, 0, 0, offset) + encoded)
-    pad = struct.pack("<4s6H3L5H2L", b"PK\x01\x02", 20, 20, 0, 0, 0, 0x21, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0) + b"x"
-    directory = b"".join(central) + pad * (claimed - len(central))
-    cd_offset = len(body)
-    record_at = cd_offset + len(directory)
-    zip64_record = struct.pack("<4sQ2H2L4Q", b"PK\x06\x06", 44, 45, 45, 0, 0, claimed, claimed, len(directory),
-                               cd_offset)
-    locator = struct.pack("<4sLQL", b"PK\x06\x07", 0, record_at, 1)
-    classic = struct.pack("<4s4H2LH", b"PK\x05\x06", 0, 0, 1, 1, len(central[0]), 0xFFFFFFFF, 0)
-    return bytes(body) + directory + zip64_record + locator + classic
-
 
 def _tar_header(name: str, size: int, kind: bytes = tarfile.REGTYPE) -> bytes:
     info = tarfile.TarInfo(name)
@@ -112,30 +88,7 @@ def pax_header_bomb(config: bytes, weights: bytes, *, size: int = BOMB_BYTES) ->
                         2 * tarfile.BLOCKSIZE])
 
 
-# --- measuring a refusal in a fresh process -------------------------------------------------
-
-_PROBE = r"""
-import json, re, resource, sys, time
-def _status(key):
-    return int(re.search(key + r":\s+(\d+) kB", open("/proc/self/status").read()).group(1)) << 10
-{setup}
-data = open(sys.argv[1], "rb").read()
-import gc; gc.collect()
-try:
-    open("/proc/self/clear_refs", "w").write("5")  # reset the peak RSS (Linux >= 4.0)
-    how, base = "VmHWM", _status("VmRSS")
-except OSError:
-    how, base = "ru_maxrss", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss << 10
-start = time.perf_counter()
-try:
-    {call}
-    refusal = None
-except Exception as exc:
-    refusal = [type(exc).__name__, str(exc)]
-seconds = time.perf_counter() - start
-peak = _status("VmHWM") if how == "VmHWM" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss << 10
-print(json.dumps({{"refusal": refusal, "seconds": seconds, "growth_mib": (peak - base) / 2**20, "how": how}}))
-"""
+# --- measuring a refusal in a fresh process (promptfleet.testing.hostile) ----------------
 
 ARCHIVE_SETUP = """
 from promptfleet.adapters.archive import ArchiveLimits, BackboneBounds, read_adapter_archive
@@ -143,17 +96,6 @@ backbone = BackboneBounds(n_embd={n_embd}, n_layer={n_layer})
 """
 ARCHIVE_CALL = "read_adapter_archive(data, limits=ArchiveLimits(), backbone=backbone)"
 
-
-def measure(data: bytes, tmp_path: Path, *, setup: str, call: str) -> dict:
-    """Run ``call`` on ``data`` in a fresh interpreter: its refusal, wall time and peak-RSS growth."""
-    path = tmp_path / "hostile.bin"
-    path.write_bytes(data)
-    script = _PROBE.format(setup=setup, call=call)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True, text=True, timeout=300,
-                          env=env)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def assert_bounded_refusal(result: dict, error: str, fragment: str) -> None:
@@ -221,7 +163,7 @@ def test_hostile_inputs_are_what_they_claim(adapter_files):
 
 @pytest.mark.parametrize("name", list(BOMBS))
 def test_bombs_are_refused_fast_and_small(name, adapter_files, archive_setup, tmp_path):
-    result = measure(_bomb(name, adapter_files), tmp_path, setup=archive_setup, call=ARCHIVE_CALL)
+    result = measure_refusal(_bomb(name, adapter_files), tmp_path, setup=archive_setup, call=ARCHIVE_CALL)
     assert_bounded_refusal(result, "ArchiveError", BOMBS[name])
 
 

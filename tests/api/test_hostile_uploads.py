@@ -12,24 +12,7 @@ import pytest
 
 from promptfleet.testing import api_error
 from promptfleet.testing.archives import zip_bytes
-
-
-def zip64_bomb(files: dict[str, bytes], *, claimed: int = 600_000) -> bytes:
-    """``files`` stored in a zip whose central directory has ``claimed`` entries; the zip64
-    end-of-central-directory record says so, the classic record claims 1."""
-    body, central = bytearray(), []
-    for name, data in files.items():
-        offset, crc, encoded = len(body), zlib.crc32(data), name.encode()
-        body += struct.pack("<4s5H3L2H", b"PK\x03\x04", 20, 0, 0, 0, 0x21, crc, len(data), len(data),
-                            len(encoded), 0) + encoded + data
-        central.append(struct.pack("<4s6H3L5H2L", b"PK\x01\x02", 20, 20, 0, 0, 0, 0x21, crc, len(data), len(data),
-                                   len(encoded), 0, 0, 0, 0, 0, offset) + encoded)
-    pad = struct.pack("<4s6H3L5H2L", b"PK\x01\x02", 20, 20, 0, 0, 0, 0x21, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0) + b"x"
-    directory = b"".join(central) + pad * (claimed - len(central))
-    record = struct.pack("<4sQ2H2L4Q", b"PK\x06\x06", 44, 45, 45, 0, 0, claimed, claimed, len(directory), len(body))
-    locator = struct.pack("<4sLQL", b"PK\x06\x07", 0, len(body) + len(directory), 1)
-    classic = struct.pack("<4s4H2LH", b"PK\x05\x06", 0, 0, 1, 1, len(central[0]), 0xFFFFFFFF, 0)
-    return bytes(body) + directory + record + locator + classic
+from promptfleet.testing.hostile import zip64_bomb
 
 
 def tar_gz_bomb(config: bytes, *, size: int = 256 << 20) -> bytes:

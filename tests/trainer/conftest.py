@@ -20,7 +20,6 @@ from promptfleet.adapters.storage import LocalBlobStorage
 from promptfleet.db import session_scope
 from promptfleet.settings import Settings
 from promptfleet.tenants.service import create_tenant
-from promptfleet.testing import wait_for
 from promptfleet.testing.skips import missing
 
 REDIS_URL = "redis://127.0.0.1:6379/15"
@@ -171,6 +170,3 @@ def worker_factory(tmp_path: Path, redis_url: str, trainer_settings: Settings):
         worker.stop()
 
 
-@pytest.fixture
-def waiter():
-    return wait_for

@@ -9,14 +9,12 @@ and must take < 1 s and < 64 MiB.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from promptfleet.platform.tokenizer import load_tokenizer
+from promptfleet.testing.hostile import measure_refusal
 from promptfleet.trainer.datasets import DEFAULT_MAX_LINE_BYTES, DatasetError, DatasetLimits, parse_dataset
 
 MAX_SECONDS = 1.0
@@ -50,43 +48,19 @@ def with_raw_value(raw: bytes, field: str = "prompt") -> bytes:
     return good_line() + b"\n" + line.replace(b'"@@"', raw) + b"\n"
 
 
-# --- measuring a refusal in a fresh process -------------------------------------------------
+# --- measuring a refusal in a fresh process (promptfleet.testing.hostile) ----------------
 
-_PROBE = r"""
-import json, re, resource, sys, time
-def _status(key):
-    return int(re.search(key + r":\s+(\d+) kB", open("/proc/self/status").read()).group(1)) << 10
+DATASET_SETUP = """
 from promptfleet.platform.tokenizer import load_tokenizer
 from promptfleet.trainer.datasets import parse_dataset
 tok = load_tokenizer(None)
 tok.encode("warm up the tokenizer")
-data = open(sys.argv[1], "rb").read()
-import gc; gc.collect()
-try:
-    open("/proc/self/clear_refs", "w").write("5")  # reset the peak RSS (Linux >= 4.0)
-    how, base = "VmHWM", _status("VmRSS")
-except OSError:
-    how, base = "ru_maxrss", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss << 10
-start = time.perf_counter()
-try:
-    parse_dataset(data, tokenizer=tok, max_example_tokens=512, max_examples={max_examples})
-    refusal = None
-except Exception as exc:
-    refusal = [type(exc).__name__, str(exc)]
-seconds = time.perf_counter() - start
-peak = _status("VmHWM") if how == "VmHWM" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss << 10
-print(json.dumps({{"refusal": refusal, "seconds": seconds, "growth_mib": (peak - base) / 2**20, "how": how}}))
 """
 
 
 def measure(data: bytes, tmp_path: Path, *, max_examples: int = 100_000) -> dict:
-    path = tmp_path / "hostile.jsonl"
-    path.write_bytes(data)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    done = subprocess.run([sys.executable, "-c", _PROBE.format(max_examples=max_examples), str(path)],
-                          capture_output=True, text=True, timeout=300, env=env)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    call = f"parse_dataset(data, tokenizer=tok, max_example_tokens=512, max_examples={max_examples})"
+    return measure_refusal(data, tmp_path, setup=DATASET_SETUP, call=call, env={"TOKENIZERS_PARALLELISM": "false"})
 
 
 def test_one_8_mib_line_is_refused_fast_and_small(tmp_path):

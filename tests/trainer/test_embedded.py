@@ -6,6 +6,7 @@ import pytest
 from promptfleet.adapters.service import list_versions
 from promptfleet.db import session_scope
 from promptfleet.platform.tokenizer import load_tokenizer
+from promptfleet.testing import wait_for
 from promptfleet.trainer.celery_app import make_celery, make_enqueue, start_embedded_worker
 from promptfleet.trainer.datasets import DatasetLimits
 from promptfleet.trainer.schemas import JobRequest
@@ -14,7 +15,7 @@ from promptfleet.trainer.service import cancel_job, create_dataset, get_job, sub
 
 @pytest.mark.parametrize("empty_db_url", ["sqlite"], indirect=True)
 def test_embedded_worker_runs_a_job_to_success(trainer_settings, session_factory, storage, tenants, jsonl,
-                                               tiny_checkpoint, waiter):
+                                               tiny_checkpoint):
     assert trainer_settings.resolved_broker_url().startswith("sqla+sqlite:///")
     a = tenants[0]
     app = make_celery(trainer_settings)
@@ -32,8 +33,8 @@ def test_embedded_worker_runs_a_job_to_success(trainer_settings, session_factory
             with session_scope(session_factory) as s:
                 return get_job(s, tenant_id=a, job_id=job.id)
 
-        done = waiter(lambda: status().status in ("succeeded", "failed") and status(), timeout=120,
-                      what="the embedded worker to finish the job")
+        done = wait_for(lambda: status().status in ("succeeded", "failed") and status(), timeout=120,
+                        what="the embedded worker to finish the job")
         assert (done.status, done.adapter, done.error) == ("succeeded", "emb@1", None)
         with session_scope(session_factory) as s:
             assert [v.version for v in list_versions(s, tenant_id=a, name="emb")] == [1]
@@ -48,7 +49,7 @@ def test_embedded_worker_runs_a_job_to_success(trainer_settings, session_factory
 
 @pytest.mark.parametrize("empty_db_url", ["sqlite"], indirect=True)
 def test_stopping_the_embedded_worker_requeues_the_running_job(trainer_settings, session_factory, storage, tenants,
-                                                               jsonl, tiny_checkpoint, waiter):
+                                                               jsonl, tiny_checkpoint):
     a = tenants[0]
     app = make_celery(trainer_settings)
     with session_scope(session_factory) as s:
@@ -64,7 +65,7 @@ def test_stopping_the_embedded_worker_requeues_the_running_job(trainer_settings,
 
     worker = start_embedded_worker(app)
     try:
-        waiter(lambda: status().status == "running" and status().step >= 1, timeout=60, what="the job to start")
+        wait_for(lambda: status().status == "running" and status().step >= 1, timeout=60, what="the job to start")
     finally:
         worker.stop(timeout=30)
     assert not worker.alive
@@ -73,8 +74,8 @@ def test_stopping_the_embedded_worker_requeues_the_running_job(trainer_settings,
     # the next server start picks it up again and finishes it (attempt 2), one adapter
     worker = start_embedded_worker(make_celery(trainer_settings))
     try:
-        done = waiter(lambda: (j := status()).status not in ("queued", "running") and j, timeout=90,
-                      what="the re-queued job to finish")
+        done = wait_for(lambda: (j := status()).status not in ("queued", "running") and j, timeout=90,
+                        what="the re-queued job to finish")
     finally:
         worker.stop(timeout=30)
     assert (done.status, done.attempts, done.adapter, done.step) == ("succeeded", 2, "again@1", 60)

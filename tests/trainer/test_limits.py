@@ -14,6 +14,7 @@ from sqlalchemy import func, select, update
 from promptfleet.adapters.service import list_versions
 from promptfleet.db import session_scope, utcnow
 from promptfleet.platform.tokenizer import load_tokenizer
+from promptfleet.testing import wait_for
 from promptfleet.trainer.celery_app import embedded_isolation, make_celery, make_enqueue, start_embedded_worker
 from promptfleet.trainer.datasets import DatasetLimits, parse_dataset
 from promptfleet.trainer.isolated import Isolation, TrainingFailed, train_in_child
@@ -178,8 +179,7 @@ def test_the_training_process_is_niced_with_its_own_thread_count(tiny_checkpoint
 
 
 @pytest.mark.parametrize("empty_db_url", ["sqlite"], indirect=True)
-def test_the_embedded_worker_trains_in_its_niced_process(trainer_settings, session_factory, tenants, dataset_of,
-                                                         waiter):
+def test_the_embedded_worker_trains_in_its_niced_process(trainer_settings, session_factory, tenants, dataset_of):
     a = tenants[0]
     settings = trainer_settings.model_copy(update={"train_threads": 1, "train_nice": 10})
     app = make_celery(settings)
@@ -192,8 +192,8 @@ def test_the_embedded_worker_trains_in_its_niced_process(trainer_settings, sessi
             with session_scope(session_factory) as s:
                 return get_job(s, tenant_id=a, job_id=job.id)
 
-        done = waiter(lambda: (j := status()).status in ("succeeded", "failed") and j, timeout=120,
-                      what="the embedded worker to finish the job")
+        done = wait_for(lambda: (j := status()).status in ("succeeded", "failed") and j, timeout=120,
+                        what="the embedded worker to finish the job")
     finally:
         worker.stop(timeout=30)
     assert (done.status, done.error, done.adapter) == ("succeeded", None, "ad@1")

@@ -15,6 +15,7 @@ import torch
 
 from promptfleet.db import session_scope
 from promptfleet.platform.random_checkpoint import make_random_llama_checkpoint
+from promptfleet.testing.peft import greedy_ids
 from promptfleet.trainer.backbone import load_backbone, load_tokenizer
 from promptfleet.trainer.datasets import DatasetLimits, parse_dataset
 from promptfleet.trainer.evaluate import evaluate, exact_match, greedy_batch
@@ -42,20 +43,6 @@ def llama_checkpoint(tmp_path_factory) -> Path:
                                         num_key_value_heads=2, intermediate_size=192)
 
 
-def full_forward_greedy(model, prompt: list[int], n: int, eos: int) -> list[int]:
-    """The definition: the model's own forward on the whole sequence at every step."""
-    seq, out = list(prompt), []
-    with torch.no_grad():
-        for _ in range(n):
-            ids = torch.tensor([seq])
-            token = int(model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0, -1].argmax())
-            out.append(token)
-            seq.append(token)
-            if token == eos:
-                break
-    return out
-
-
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 @pytest.mark.parametrize("method", [None, "prompt_tuning", "p_tuning", "prefix_tuning"])
 def test_batched_greedy_equals_the_full_forward(request, llama_checkpoint, family, method):
@@ -70,7 +57,7 @@ def test_batched_greedy_equals_the_full_forward(request, llama_checkpoint, famil
     gen = torch.Generator().manual_seed(3)
     prompts = [torch.randint(0, 50257, (n,), generator=gen).tolist() for n in (3, 9, 1, 6, 4)]
     got = greedy_batch(model, prompts, max_new_tokens=7, eos_id=50256, pad_id=50256)
-    assert got == [full_forward_greedy(model, p, 7, 50256) for p in prompts]
+    assert got == [greedy_ids(model, p, 7, 50256) for p in prompts]
     assert len({tuple(t) for t in got}) > 1  # the prompts matter, so padding mistakes would show
 
 
@@ -206,8 +193,8 @@ async def test_p_tuning_adapter_serves_as_peft_computes_it(llama_checkpoint, tmp
     base = load_backbone(llama_checkpoint)
     changed = 0
     for prompt, got in zip(prompts, results):
-        assert got.token_ids == full_forward_greedy(peft_model, tok.encode(prompt), 6, 50256), prompt
-        changed += got.token_ids != full_forward_greedy(base, tok.encode(prompt), 6, 50256)
+        assert got.token_ids == greedy_ids(peft_model, tok.encode(prompt), 6, 50256), prompt
+        changed += got.token_ids != greedy_ids(base, tok.encode(prompt), 6, 50256)
     assert changed  # the adapter changes the answers, so equality shows the engine applies it
 
 
