@@ -1,5 +1,5 @@
 """Browser-test fixtures: one API server (uvicorn in a thread, embedded Celery worker, the
-tiny random GPT-2) for the module, Debian's Chromium driven by Playwright, and a fresh
+tiny random GPT-2) for the session (each test signs in as a tenant of its own), Debian's Chromium driven by Playwright, and a fresh
 browser context per test whose screenshots go to the pytest tmp dir.
 
 Chromium or Playwright missing: skipped with the reason, a failure under ``CI=true``
@@ -78,7 +78,7 @@ class Console:
                 for i in range(n)]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def console(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Console]:
     from promptfleet.api import create_app
 
