@@ -82,7 +82,7 @@ def test_hostile_adapter_and_malformed_dataset_show_the_servers_reason(page: Pag
     with console.http(key) as http:
         assert http.post("/v1/datasets", files={"file": ("t.jsonl", "\n".join(console.jsonl_lines(4)))}).status_code == 201
     view = console.open_view(page, "Training jobs")
-    options = view.get_by_label("Dataset").locator("option")
+    options = view.get_by_label("Dataset", exact=True).locator("option")
     expect(options).to_have_count(1)  # the view's own refresh is done
     options.first.evaluate("(o, id) => { o.value = id; }", theirs)
     view.get_by_label("Adapter name").fill("x")

@@ -89,7 +89,7 @@ def test_sign_in_upload_train_watch_and_compare(page: Page, console, tiny_checkp
     view = console.open_view(page, "Training jobs")
     expect(view.get_by_label("Epochs")).to_have_attribute("placeholder", "default: 4")  # the server's schema default
     view.get_by_label("Adapter name").fill("trained")
-    view.get_by_label("Dataset").select_option(dataset["id"])
+    view.get_by_label("Dataset", exact=True).select_option(dataset["id"])
     for label, value in (("Virtual tokens", "4"), ("Epochs", "12"), ("Batch size", "1"),
                          ("Validation fraction", "0.25"), ("Learning rate", "0.3")):
         view.get_by_label(label, exact=True).fill(value)

@@ -8,7 +8,8 @@ const FINAL = new Set(["succeeded", "failed", "cancelled"]);
 const POLL_MS = 500;
 // What the server does when a field with a null default is left out (JobRequest's docstring).
 const NULL_DEFAULTS = { learning_rate: "default: the method's", max_steps: "default: all epochs",
-  validation_fraction: "default: 0.1 from 20 examples", early_stopping_patience: "default: off" };
+  validation_fraction: "default: 0.1 from 20 examples", early_stopping_patience: "default: off",
+  init: "default: text with init text, else random_vocab" };
 
 // Placeholders and the method list from JobRequest in /openapi.json.
 async function loadDefaults() {
@@ -17,8 +18,15 @@ async function loadDefaults() {
   for (const [name, prop] of Object.entries(job.properties)) {
     const input = document.getElementById(`job-${name}`);
     if (!input) continue;
-    if (input.tagName === "SELECT" && name === "method" && Array.isArray(prop.enum)) {
-      input.replaceChildren(...prop.enum.map((m) => el("option", { value: m, text: m, selected: m === prop.default })));
+    const choices = Array.isArray(prop.enum) ? prop.enum
+      : (prop.anyOf || []).map((a) => a.enum).find(Array.isArray);
+    if (input.tagName === "SELECT" && choices) {
+      // a nullable choice gets an empty first option: the server decides (NULL_DEFAULTS says how)
+      const options = choices.map((m) => el("option", { value: m, text: m, selected: m === prop.default }));
+      if (prop.default === null || prop.default === undefined) {
+        options.unshift(el("option", { value: "", text: NULL_DEFAULTS[name] || "default", selected: true }));
+      }
+      input.replaceChildren(...options);
     } else if (input.tagName === "INPUT" && !(job.required || []).includes(name)) {
       if (prop.default !== undefined && prop.default !== null) input.placeholder = `default: ${prop.default}`;
       else input.placeholder = NULL_DEFAULTS[name] || "optional";
@@ -100,12 +108,14 @@ export function jobsView() {
   }
 
   async function refreshDatasets() {
-    const select = $("#job-dataset_id");
+    const train = $("#job-dataset_id"), validation = $("#job-validation_dataset_id");
     try {
       const items = await getAll("/v1/datasets");
-      const current = select.value;
-      select.replaceChildren(...items.map((d) => el("option", { value: d.id,
-        text: `${d.id.slice(0, 8)}… (${d.num_examples} examples, ${when(d.created_at)})`, selected: d.id === current })));
+      const options = (current) => items.map((d) => el("option", { value: d.id,
+        text: `${d.id.slice(0, 8)}… (${d.num_examples} examples, ${when(d.created_at)})`, selected: d.id === current }));
+      const [t, v] = [train.value, validation.value];
+      train.replaceChildren(...options(t));
+      validation.replaceChildren(el("option", { value: "", text: "none (or a fraction of the training set)" }), ...options(v));
     } catch (err) { showError(err, "could not list datasets"); }
   }
 
