@@ -45,7 +45,7 @@ export class JobCharts {
     if (!this.loss) {
       this.lossTarget.replaceChildren();
       this.loss = makeChart(this.lossTarget,
-        [{ label: "step" }, { label: "train loss", stroke: "#0b5cad", width: 2, points: { show: loss[0].length < 60 } }],
+        [{ label: "step" }, { label: "train loss", stroke: "#0b5cad", width: 2 }],
         { x: { time: false } }, [{ label: "step", incrs: WHOLE }, { label: "loss" }], loss);
     } else this.loss.setData(loss);
     if (!this.epochs) {

@@ -9,7 +9,7 @@ const POLL_MS = 500;
 // What the server does when a field with a null default is left out (JobRequest's docstring).
 const NULL_DEFAULTS = { learning_rate: "default: the method's", max_steps: "default: all epochs",
   validation_fraction: "default: 0.1 from 20 examples", early_stopping_patience: "default: off",
-  init: "default: text with init text, else random_vocab" };
+  init: "default: text if init text given" };
 
 // Placeholders and the method list from JobRequest in /openapi.json.
 async function loadDefaults() {
