@@ -37,6 +37,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from promptfleet.adapters.generation_defaults import GENERATION_CONFIG_NAME, MAX_GENERATION_CONFIG_BYTES
 from promptfleet.platform.adapter import MAX_VIRTUAL_TOKENS, PEFT_TYPES
 from promptfleet.strict_json import strict_loads
 
@@ -575,11 +576,18 @@ def _tar_members(data: bytes, limits: ArchiveLimits, backbone: BackboneBounds | 
                     lambda limit, parts=m.parts: contents.get(parts, b"")[:limit + 1]) for m in scan.members]
 
 
-def read_adapter_archive(data: bytes, *, limits: ArchiveLimits,
-                         backbone: BackboneBounds | None = None) -> tuple[bytes, bytes]:
-    """Return ``(adapter_config.json bytes, adapter_model.safetensors bytes)`` from an
-    uploaded zip or tar.gz, or raise ``ArchiveError`` saying what is wrong. ``backbone``
-    (the serving model's widths) bounds the weights before they are inflated."""
+@dataclass(frozen=True)
+class AdapterFiles:
+    config: bytes                     # adapter_config.json
+    weights: bytes                    # adapter_model.safetensors
+    generation_config: bytes | None   # generation_config.json beside them, if any
+
+
+def read_adapter_files(data: bytes, *, limits: ArchiveLimits, backbone: BackboneBounds | None = None) -> AdapterFiles:
+    """The adapter's files from an uploaded zip or tar.gz, or ``ArchiveError`` saying what is
+    wrong. ``backbone`` (the serving model's widths) bounds the weights before they are
+    inflated; an optional ``generation_config.json`` beside them (decoding defaults) is
+    counted with the other files."""
     if len(data) > limits.max_archive_bytes:
         raise ArchiveError(f"archive is {_mb(len(data))}, over the upload limit of {_mb(limits.max_archive_bytes)}")
     if data[:4] in _ZIP_MAGIC:
@@ -599,7 +607,18 @@ def read_adapter_archive(data: bytes, *, limits: ArchiveLimits,
     cap = weights_limit(config, backbone, limits)
     _check_weights_size(weights_member, config, cap)
     weights = _read_counted(weights_member, min(cap, limits.max_total_bytes - len(config_bytes)))
-    return config_bytes, weights
+    generation = next((m for m in members if not m.is_dir and m.parts == root + (GENERATION_CONFIG_NAME,)), None)
+    generation_bytes = None if generation is None else _read_counted(
+        generation, min(MAX_GENERATION_CONFIG_BYTES, limits.max_other_bytes))
+    return AdapterFiles(config_bytes, weights, generation_bytes)
+
+
+def read_adapter_archive(data: bytes, *, limits: ArchiveLimits,
+                         backbone: BackboneBounds | None = None) -> tuple[bytes, bytes]:
+    """``(adapter_config.json bytes, adapter_model.safetensors bytes)``: ``read_adapter_files``
+    without the optional files."""
+    files = read_adapter_files(data, limits=limits, backbone=backbone)
+    return files.config, files.weights
 
 
 def _zip_entry(name: str, compress: int) -> zipfile.ZipInfo:

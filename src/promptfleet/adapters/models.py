@@ -33,6 +33,9 @@ class AdapterVersion(Base):
     deleted_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     # The training job that produced this version (None for uploads); unique for idempotency.
     source_job_id: Mapped[str | None] = mapped_column(String(64), nullable=True, unique=True)
+    # Decoding defaults for requests naming this version (adapters/generation_defaults.py);
+    # None: the server's. Set at upload (generation_config.json) or by PATCH.
+    generation_defaults: Mapped[dict | None] = mapped_column(JSON, nullable=True)
 
     @property
     def ref(self) -> str:

@@ -18,10 +18,12 @@ from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from promptfleet.adapters.archive import (ArchiveError, ArchiveLimits, BackboneBounds, read_adapter_archive,
-                                          write_adapter_zip)
+                                          read_adapter_files, write_adapter_zip)
 from promptfleet.adapters.errors import (AdapterConflict, AdapterIncompatible, AdapterNotFound, AdapterRejected,
                                          InvalidAdapterName)
 from promptfleet.adapters.fingerprint import model_fingerprint
+from promptfleet.adapters.generation_defaults import (GenerationDefaults, InvalidGenerationDefaults,
+                                                      parse_generation_config)
 from promptfleet.adapters.models import AdapterVersion
 from promptfleet.adapters.storage import BlobStorage, sha256_hex
 from promptfleet.db import utcnow
@@ -131,13 +133,15 @@ def _delete_blob_if_unreferenced(session: Session, storage: BlobStorage, sha256:
 
 
 def _store(session: Session, *, storage: BlobStorage, tenant_id: str, name: str, weights: AdapterWeights,
-           blob: bytes, model_config: ModelConfig, source_job_id: str | None) -> AdapterVersion:
+           blob: bytes, model_config: ModelConfig, source_job_id: str | None,
+           generation_defaults: dict | None = None) -> AdapterVersion:
     sha256 = sha256_hex(blob)
     existed = storage.exists(sha256)
     storage.put(blob)
     fields = dict(peft_type=weights.peft_type, num_virtual_tokens=weights.num_virtual_tokens,
                   shapes={"prompt_embeddings": list(weights.prompt_embeddings.shape)},
-                  base_fingerprint=model_fingerprint(model_config), sha256=sha256, size_bytes=len(blob))
+                  base_fingerprint=model_fingerprint(model_config), sha256=sha256, size_bytes=len(blob),
+                  generation_defaults=generation_defaults or None)
     try:
         row = _insert_version(session, fields=fields, tenant_id=tenant_id, name=name, source_job_id=source_job_id)
     except BaseException:
@@ -158,15 +162,31 @@ def import_adapter(session: Session, *, storage: BlobStorage, tenant_id: str, na
     version of ``name``. Raises ``AdapterRejected`` (nothing stored) when it is refused."""
     validate_adapter_name(name)
     try:
-        config_bytes, safetensors_bytes = read_adapter_archive(archive, limits=limits or ArchiveLimits(),
-                                                               backbone=BackboneBounds.of(model_config))
+        files = read_adapter_files(archive, limits=limits or ArchiveLimits(), backbone=BackboneBounds.of(model_config))
     except ArchiveError as exc:
         raise AdapterRejected(str(exc)) from exc
-    weights = _validated(config_bytes, safetensors_bytes, model_config, check)
+    weights = _validated(files.config, files.weights, model_config, check)
+    defaults = None
+    if files.generation_config is not None:
+        try:
+            defaults = parse_generation_config(files.generation_config).as_dict()
+        except InvalidGenerationDefaults as exc:
+            raise AdapterRejected(str(exc)) from exc
     _require_tenant(session, tenant_id)
     return _store(session, storage=storage, tenant_id=tenant_id, name=name, weights=weights,
-                  blob=write_adapter_zip(config_bytes, safetensors_bytes), model_config=model_config,
-                  source_job_id=None)
+                  blob=write_adapter_zip(files.config, files.weights), model_config=model_config,
+                  source_job_id=None, generation_defaults=defaults)
+
+
+def set_generation_defaults(session: Session, *, tenant_id: str, ref: str,
+                            defaults: GenerationDefaults | None) -> AdapterVersion:
+    """Replace the decoding defaults of the version ``ref`` names (``name``: the latest);
+    None clears them. ``AdapterNotFound`` for another tenant's or a deleted version."""
+    row = resolve_adapter(session, tenant_id=tenant_id, ref=ref)
+    row.generation_defaults = None if defaults is None else (defaults.as_dict() or None)
+    session.flush()
+    log.info("adapter %s of tenant %s: generation defaults %s", row.ref, tenant_id, row.generation_defaults)
+    return row
 
 
 def register_adapter(session: Session, *, storage: BlobStorage, tenant_id: str, name: str, config: dict,

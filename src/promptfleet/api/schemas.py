@@ -7,6 +7,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
+from promptfleet.adapters.generation_defaults import GenerationDefaults
+
 MAX_PROMPTS = 64            # prompts in one request (each is its own choice)
 MAX_CHOICES = 64            # prompts x n
 MAX_PROMPT_CHARS = 200_000  # per prompt string, before tokenization
@@ -129,6 +131,16 @@ class AdapterOut(BaseModel):
     sha256: str
     size_bytes: int
     created_at: datetime
+    generation_defaults: dict[str, Any] | None = Field(
+        default=None, description="Sampling fields a request that names this version inherits when it leaves "
+                                  "them unset (temperature, top_p, top_k, repetition_penalty, max_tokens, stop).")
+
+
+class AdapterPatch(BaseModel):
+    """``PATCH /v1/adapters/{name}``: replace the version's decoding defaults (null clears them)."""
+
+    model_config = ConfigDict(extra="forbid")
+    generation_defaults: GenerationDefaults | None
 
 
 class AdapterList(BaseModel):

@@ -4,7 +4,8 @@ turn the prompt into token-id lists, and build one ``SamplingParams`` per choice
 Every refusal is an ``APIError`` that says what is wrong."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from sqlalchemy.orm import Session
 
@@ -26,6 +27,7 @@ class ResolvedModel:
     label: str                  # metrics label: the base model id or the adapter name
     scope: str                  # generation-cache scope: "base" or "<version id>:<sha256>"
     prefix: AdapterPrefix | None
+    defaults: dict[str, Any] = field(default_factory=dict)  # the adapter version's decoding defaults
 
 
 def resolve_model(session: Session, *, engine: Engine, adapter_cache: AdapterCache, storage: BlobStorage,
@@ -48,7 +50,16 @@ def resolve_model(session: Session, *, engine: Engine, adapter_cache: AdapterCac
     except (BlobNotFoundError, CorruptBlobError) as exc:
         raise APIError(500, f"adapter {version.ref!r} cannot be read from storage: {exc}",
                        code="storage_error") from None
-    return ResolvedModel(name=model, label=version.name, scope=f"{version.id}:{version.sha256}", prefix=prefix)
+    return ResolvedModel(name=model, label=version.name, scope=f"{version.id}:{version.sha256}", prefix=prefix,
+                         defaults=dict(version.generation_defaults or {}))
+
+
+def with_defaults(req: CompletionRequest, defaults: dict[str, Any]) -> CompletionRequest:
+    """``req`` with each sampling field it left unset (absent, or null) taken from the
+    adapter's ``defaults`` (validated against the same bounds when they were stored)."""
+    unset = {k: v for k, v in defaults.items()
+             if k in CompletionRequest.model_fields and (k not in req.model_fields_set or getattr(req, k) is None)}
+    return req.model_copy(update=unset) if unset else req
 
 
 # fields refused when set to anything truthy (their defaults are falsy)

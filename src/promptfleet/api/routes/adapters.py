@@ -1,4 +1,5 @@
-"""``/v1/adapters``: upload (zip or tar.gz of a PEFT folder), list, get, download, delete.
+"""``/v1/adapters``: upload (zip or tar.gz of a PEFT folder, optionally with a
+``generation_config.json`` of decoding defaults), list, get, set defaults (PATCH), download, delete.
 ``{name}`` is ``name`` (latest version) or ``name@N``; another tenant's adapter is 404."""
 from __future__ import annotations
 
@@ -11,14 +12,14 @@ from promptfleet.adapters.archive import ArchiveLimits
 from promptfleet.adapters.errors import AdapterConflict, AdapterNotFound, AdapterRejected, InvalidAdapterName
 from promptfleet.adapters.models import AdapterVersion
 from promptfleet.adapters.service import (delete_adapter, export_adapter, import_adapter, page_adapters,
-                                          resolve_adapter)
+                                          resolve_adapter, set_generation_defaults)
 from promptfleet.adapters.storage import BlobNotFoundError, CorruptBlobError
 from promptfleet.api.deps import LimitedTenantDep, SessionDep, StateDep
 from promptfleet.api.errors import APIError, bad_request, not_found
 from promptfleet.api.pagination import PageDep, page_fields, unknown_cursor
 from promptfleet.api.quotas import check_storage_quota
 from promptfleet.api.responses import error_responses
-from promptfleet.api.schemas import AdapterList, AdapterOut
+from promptfleet.api.schemas import AdapterList, AdapterOut, AdapterPatch
 from promptfleet.api.uploads import read_upload
 from promptfleet.paging import UnknownCursor
 
@@ -28,7 +29,7 @@ router = APIRouter(prefix="/v1/adapters", tags=["adapters"])
 def adapter_out(row: AdapterVersion) -> AdapterOut:
     return AdapterOut(id=row.ref, name=row.name, version=row.version, peft_type=row.peft_type,
                       num_virtual_tokens=row.num_virtual_tokens, sha256=row.sha256, size_bytes=row.size_bytes,
-                      created_at=row.created_at)
+                      created_at=row.created_at, generation_defaults=row.generation_defaults)
 
 
 def _missing(exc: AdapterNotFound) -> APIError:
@@ -76,6 +77,18 @@ def get_adapter(name: str, tenant: LimitedTenantDep, session: SessionDep) -> Ada
         return adapter_out(resolve_adapter(session, tenant_id=tenant.id, ref=name))
     except AdapterNotFound as exc:
         raise _missing(exc) from None
+
+
+@router.patch("/{name}", response_model=AdapterOut, responses=error_responses(400, 401, 404, 422, 429))
+def patch_adapter(name: str, body: AdapterPatch, tenant: LimitedTenantDep, session: SessionDep) -> AdapterOut:
+    """Set the decoding defaults of ``name`` (its latest version) or ``name@N``: requests naming
+    that version take them for the sampling fields they leave unset."""
+    try:
+        row = set_generation_defaults(session, tenant_id=tenant.id, ref=name, defaults=body.generation_defaults)
+        session.commit()
+    except AdapterNotFound as exc:
+        raise _missing(exc) from None
+    return adapter_out(row)
 
 
 @router.get("/{name}/download", response_class=Response,

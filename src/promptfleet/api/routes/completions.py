@@ -24,7 +24,7 @@ from promptfleet.api.limits import ConcurrencySlot, LimitExceeded
 from promptfleet.api.responses import error_responses
 from promptfleet.api.schemas import CompletionRequest, CompletionResponse
 from promptfleet.api.serving import (ResolvedModel, check_context, check_supported, plan_choices, prompt_token_ids,
-                                     resolve_model, sampling_params)
+                                     resolve_model, sampling_params, with_defaults)
 from promptfleet.api.sse import SSEResponse, sse_data
 from promptfleet.api.state import AppState
 from promptfleet.tenants.models import Tenant
@@ -127,6 +127,8 @@ async def create_completion(body: CompletionRequest, request: Request, tenant: L
     try:
         model, prompts = await run_in_threadpool(_prepare, state, tenant, body)
         rec.model_label = model.label
+        if model.defaults:  # the adapter's decoding defaults fill the fields the request left unset
+            params = sampling_params(with_defaults(body, model.defaults), settings=state.settings)
         check_context(prompts, params, model=model, max_model_len=state.engine.max_model_len)
         gen = Generation(engine=state.engine, cache=state.gen_cache, tenant_id=tenant.id, model=model,
                          choices=plan_choices(prompts, params), prompt_tokens=sum(map(len, prompts)))

@@ -1,0 +1,60 @@
+"""Decoding defaults read from transformers' own ``generation_config.json`` (written here by
+``GenerationConfig.save_pretrained``), with transformers' meaning: greedy unless
+``do_sample``; refusals say what is wrong (beam search, bounds, non-finite numbers)."""
+from __future__ import annotations
+
+import pytest
+from transformers import GenerationConfig
+
+from promptfleet.adapters.generation_defaults import (GENERATION_CONFIG_NAME, InvalidGenerationDefaults,
+                                                      parse_generation_config, validate_defaults)
+
+
+def _saved(tmp_path, **fields) -> bytes:
+    GenerationConfig(**fields).save_pretrained(tmp_path)
+    return (tmp_path / GENERATION_CONFIG_NAME).read_bytes()
+
+
+def test_sampling_config_maps_field_by_field(tmp_path):
+    data = _saved(tmp_path, do_sample=True, temperature=0.7, top_p=0.9, top_k=20, repetition_penalty=1.3,
+                  max_new_tokens=12, stop_strings=["\n", "###"])
+    assert parse_generation_config(data).as_dict() == {"temperature": 0.7, "top_p": 0.9, "top_k": 20,
+                                                       "repetition_penalty": 1.3, "max_tokens": 12,
+                                                       "stop": ["\n", "###"]}
+
+
+def test_without_do_sample_transformers_decodes_greedily(tmp_path):
+    data = _saved(tmp_path, max_new_tokens=5, repetition_penalty=1.2)
+    assert not GenerationConfig.from_pretrained(tmp_path).do_sample  # unset: generate() decodes greedily
+    assert parse_generation_config(data).as_dict() == {"temperature": 0.0, "max_tokens": 5, "repetition_penalty": 1.2}
+    # a hand-written file with a temperature but no do_sample: transformers would not sample either
+    assert parse_generation_config(b'{"temperature": 0.7}').as_dict() == {"temperature": 0.0}
+
+
+@pytest.mark.parametrize("fields, match", [
+    (dict(num_beams=3), "beam search is not served yet"),
+    (dict(do_sample=True, temperature=5.0), "temperature"),
+    (dict(max_new_tokens=5, repetition_penalty=1000.0), "repetition_penalty"),
+])
+def test_configs_the_server_cannot_honour_are_refused(tmp_path, fields, match):
+    with pytest.raises(InvalidGenerationDefaults, match=match):
+        parse_generation_config(_saved(tmp_path, **fields))
+
+
+@pytest.mark.parametrize("data, match", [
+    (b'{"do_sample": true, "temperature": NaN}', "not valid JSON"),
+    (b"[1, 2]", "must hold a JSON object"),
+    (b"\xff\xfe", "not valid JSON"),
+    (b'{"a": "' + b"x" * (70 << 10) + b'"}', "over the limit"),
+])
+def test_malformed_files_are_refused(data, match):
+    with pytest.raises(InvalidGenerationDefaults, match=match):
+        parse_generation_config(data)
+
+
+def test_patch_bodies_are_strict():
+    assert validate_defaults({"temperature": 0, "stop": "\n"}).as_dict() == {"temperature": 0.0, "stop": "\n"}
+    for bad, match in (({"temperature": "0.5"}, "temperature"), ({"num_beams": 2}, "num_beams"),
+                       ({"stop": ["a"] * 5}, "stop"), ({"max_tokens": 0}, "max_tokens")):
+        with pytest.raises(InvalidGenerationDefaults, match=match):
+            validate_defaults(bad)

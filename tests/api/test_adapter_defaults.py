@@ -1,0 +1,110 @@
+"""Per-adapter decoding defaults through the API: set by PATCH or uploaded as transformers'
+``generation_config.json`` beside the adapter; a request naming that version takes them for
+the fields it leaves unset (explicit fields win; other versions and the base model keep the
+server's), checked against the engine's own answer with the same settings and through the
+official openai client, on SQLite and PostgreSQL."""
+from __future__ import annotations
+
+import io
+import zipfile
+
+import httpx
+from openai import OpenAI
+from transformers import GenerationConfig
+
+from promptfleet.api import create_app
+from promptfleet.platform.sampling import SamplingParams
+from promptfleet.testing import api_error
+from promptfleet.testing.api_app import ADMIN_KEY, api_settings, engine_reference
+from promptfleet.testing.live_server import live_server
+
+PROMPT = "Once upon a time"
+
+
+def _complete(api, headers, **body) -> dict:
+    r = api.client.post("/v1/completions", json={"prompt": PROMPT, **body}, headers=headers)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def _want(api, adapter_dir, **params) -> str:
+    return engine_reference(api.engine, PROMPT, SamplingParams(**params), adapter_dir)
+
+
+def test_patched_defaults_fill_only_the_unset_fields(make_api, db_kind, peft_zips, peft_dirs):
+    api = make_api(db_kind)
+    _, h = api.new_tenant("defaults")
+    assert api.upload(h, "clf", peft_zips["pt"]).status_code == 201
+    r = api.client.patch("/v1/adapters/clf", json={"generation_defaults": {"temperature": 0, "max_tokens": 5}},
+                         headers=h)
+    assert r.status_code == 200, r.text
+    assert r.json()["generation_defaults"] == {"temperature": 0.0, "max_tokens": 5} == \
+        api.client.get("/v1/adapters/clf@1", headers=h).json()["generation_defaults"]
+    got = _complete(api, h, model="clf")  # no sampling field: the adapter's greedy, 5 tokens
+    assert got["choices"][0]["text"] == _want(api, peft_dirs["pt"], max_tokens=5, temperature=0)
+    assert got["usage"]["completion_tokens"] == 5
+    got = _complete(api, h, model="clf@1", max_tokens=3, temperature=None)  # explicit wins; null is unset
+    assert got["choices"][0]["text"] == _want(api, peft_dirs["pt"], max_tokens=3, temperature=0)
+    # the base model and a new version without defaults keep the server's (16 tokens)
+    assert _complete(api, h, model="gpt2", temperature=0)["choices"][0]["text"] == \
+        _want(api, None, max_tokens=16, temperature=0)
+    assert api.upload(h, "clf", peft_zips["pt"]).status_code == 201
+    assert api.client.get("/v1/adapters/clf", headers=h).json()["generation_defaults"] is None
+    assert _complete(api, h, model="clf", temperature=0)["usage"]["completion_tokens"] == 16
+    # cleared with null
+    r = api.client.patch("/v1/adapters/clf@1", json={"generation_defaults": None}, headers=h)
+    assert r.status_code == 200 and r.json()["generation_defaults"] is None
+
+
+def test_bad_defaults_and_other_tenants_are_refused_and_change_nothing(make_api, peft_zips):
+    api = make_api()
+    _, h = api.new_tenant("owner")
+    _, other = api.new_tenant("other")
+    assert api.upload(h, "clf", peft_zips["pt"]).status_code == 201
+    for body in ({"generation_defaults": {"temperature": 5}}, {"generation_defaults": {"num_beams": 2}},
+                 {"generation_defaults": {"temperature": "0"}}, {"defaults": {}}):
+        r = api.client.patch("/v1/adapters/clf", json=body, headers=h)
+        assert r.status_code in (400, 422), r.text
+        assert "error" in r.json() and r.json()["error"]["message"], r.text
+    api_error(api.client.patch("/v1/adapters/clf", json={"generation_defaults": {"temperature": 0}}, headers=other),
+              404, "adapter_not_found")
+    assert api.client.get("/v1/adapters/clf", headers=h).json()["generation_defaults"] is None
+
+
+def _with_generation_config(archive: bytes, config: bytes) -> bytes:
+    src, out = zipfile.ZipFile(io.BytesIO(archive)), io.BytesIO()
+    with zipfile.ZipFile(out, "w") as zf:
+        for info in src.infolist():
+            zf.writestr(info, src.read(info))
+        zf.writestr("generation_config.json", config)
+    return out.getvalue()
+
+
+def test_uploaded_generation_config_is_served_to_the_openai_client(api_engine, small_checkpoint, peft_zips,
+                                                                   peft_dirs, tmp_path):
+    GenerationConfig(max_new_tokens=6, repetition_penalty=1.3).save_pretrained(tmp_path)  # greedy: no do_sample
+    config = (tmp_path / "generation_config.json").read_bytes()
+    GenerationConfig(num_beams=4).save_pretrained(tmp_path / "beams")
+    beams = (tmp_path / "beams" / "generation_config.json").read_bytes()
+    settings = api_settings(tmp_path / "data", small_checkpoint)
+    with live_server(create_app(settings, engine=api_engine)) as server, \
+            httpx.Client(base_url=server.base_url, timeout=60) as http:
+        r = http.post("/admin/tenants", json={"name": "upload"}, headers={"Authorization": f"Bearer {ADMIN_KEY}"})
+        key = r.json()["api_key"]
+        h = {"Authorization": f"Bearer {key}"}
+
+        def upload(name: str, archive: bytes) -> httpx.Response:
+            return http.post("/v1/adapters", data={"name": name}, headers=h,
+                             files={"file": ("a.zip", archive, "application/zip")})
+
+        r = upload("tuned", _with_generation_config(peft_zips["pt"], config))
+        assert r.status_code == 201, r.text
+        assert r.json()["generation_defaults"] == {"temperature": 0.0, "max_tokens": 6, "repetition_penalty": 1.3}
+        refused = api_error(upload("beams", _with_generation_config(peft_zips["pt"], beams)), 400, "adapter_rejected")
+        assert "beam search is not served yet" in refused["message"]
+        assert http.get("/v1/adapters/beams", headers=h).status_code == 404
+        client = OpenAI(base_url=f"{server.base_url}/v1", api_key=key, max_retries=0, timeout=60)
+        out = client.completions.create(model="tuned", prompt=PROMPT)  # the openai client sends no defaults
+    want = engine_reference(api_engine, PROMPT, SamplingParams(max_tokens=6, temperature=0, repetition_penalty=1.3),
+                            peft_dirs["pt"])
+    assert out.choices[0].text == want and out.usage.completion_tokens == 6
