@@ -14,7 +14,8 @@ DROP = """([name, b64]) => {
   const bytes = Uint8Array.from(atob(b64), c => c.charCodeAt(0));
   const dt = new DataTransfer();
   dt.items.add(new File([bytes], name, {type: "application/zip"}));
-  document.querySelector("#adapter-drop").dispatchEvent(new DragEvent("drop", {dataTransfer: dt, bubbles: true, cancelable: true}));
+  const drop = new DragEvent("drop", {dataTransfer: dt, bubbles: true, cancelable: true});
+  document.querySelector("#adapter-drop").dispatchEvent(drop);
 }"""
 
 

@@ -77,10 +77,11 @@ def test_hostile_adapter_and_malformed_dataset_show_the_servers_reason(page: Pag
 
     # a job on another tenant's dataset: the API's 404, shown, and no job
     other = console.new_tenant("other")
+    small = {"file": ("t.jsonl", "\n".join(console.jsonl_lines(4)))}
     with console.http(other) as http:
-        theirs = http.post("/v1/datasets", files={"file": ("t.jsonl", "\n".join(console.jsonl_lines(4)))}).json()["id"]
+        theirs = http.post("/v1/datasets", files=small).json()["id"]
     with console.http(key) as http:
-        assert http.post("/v1/datasets", files={"file": ("t.jsonl", "\n".join(console.jsonl_lines(4)))}).status_code == 201
+        assert http.post("/v1/datasets", files=small).status_code == 201
     view = console.open_view(page, "Training jobs")
     options = view.get_by_label("Dataset", exact=True).locator("option")
     expect(options).to_have_count(1)  # the view's own refresh is done
