@@ -1,6 +1,6 @@
 """Browser-test fixtures: one API server (uvicorn in a thread, embedded Celery worker, the
-tiny random GPT-2) for the session (each test signs in as a tenant of its own), Debian's
-Chromium driven by Playwright, and a fresh browser context per test; screenshots go to the
+tiny random GPT-2) for this package (each test signs in as a tenant of its own), Debian's
+Chromium driven by Playwright (also one for the package), and a fresh browser context per test; screenshots go to the
 pytest tmp dir.
 
 Chromium or Playwright missing: skipped with the reason, a failure under ``CI=true``
@@ -79,7 +79,7 @@ class Console:
                 for i in range(n)]
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def console(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Console]:
     from promptfleet.api import create_app
 
@@ -92,7 +92,7 @@ def console(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> 
         yield Console(server=server, shots=tmp_path_factory.mktemp("console-screenshots"))
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def browser():
     try:
         from playwright.sync_api import sync_playwright
