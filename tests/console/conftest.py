@@ -1,7 +1,7 @@
 """Browser-test fixtures: one API server (uvicorn in a thread, embedded Celery worker, the
 tiny random GPT-2) for this package (each test signs in as a tenant of its own), Debian's
-Chromium driven by Playwright (also one for the package), and a fresh browser context per test; screenshots go to the
-pytest tmp dir.
+Chromium driven by Playwright (also one for the package), and a fresh browser context per
+test; screenshots go to the pytest tmp dir.
 
 Chromium or Playwright missing: skipped with the reason, a failure under ``CI=true``
 (``.ci/run`` installs Chromium)."""
