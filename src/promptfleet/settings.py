@@ -85,6 +85,10 @@ class Settings(BaseSettings):
     job_storage_retry_s: float = Field(
         default=300.0, ge=0, description="A worker that cannot reach blob storage to read a job's dataset or write its "
                                          "adapter retries with backoff for up to this long before the job fails.")
+    job_decoding_search_budget: int = Field(
+        default=256, ge=0, le=100_000,
+        description="After a job with validation data trains, its adapter completes up to this many validation "
+                    "prompts (examples x decoding settings) to pick the version's generation defaults. 0 = off.")
     job_max_wall_s: float = Field(
         default=3600.0, description="A running training attempt that runs longer than this (wall clock, from its "
                                     "start) is stopped at its next step and fails; no adapter. 0 = no limit.")

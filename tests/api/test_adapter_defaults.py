@@ -108,3 +108,50 @@ def test_uploaded_generation_config_is_served_to_the_openai_client(api_engine, s
     want = engine_reference(api_engine, PROMPT, SamplingParams(max_tokens=6, temperature=0, repetition_penalty=1.3),
                             peft_dirs["pt"])
     assert out.choices[0].text == want and out.usage.completion_tokens == 6
+
+
+def _learnable(n: int, seed: int) -> bytes:
+    import json
+    import random
+
+    words = ["apple", "river", "stone", "cloud", "seven", "green", "table", "north"]
+    rng = random.Random(seed)
+    return "".join(json.dumps({"prompt": " ".join(rng.sample(words, 3)) + ":", "completion": " the fleet sails"})
+                   + "\n" for _ in range(n)).encode()
+
+
+def test_a_trained_version_is_served_with_the_defaults_its_job_tuned(make_api, tmp_path):
+    """A job with validation data picks decoding defaults on it; the version it registers
+    carries them, and a request with no sampling field (the openai client's way) gets them."""
+    import time
+
+    api = make_api(embedded_worker=True, job_heartbeat_s=0.2)
+    _, h = api.new_tenant("tuned")
+    ids = [api.client.post("/v1/datasets", files={"file": (f"{n}.jsonl", _learnable(n, seed), "application/jsonl")},
+                           headers=h).json()["id"] for n, seed in ((16, 0), (12, 1))]
+    r = api.client.post("/v1/jobs", headers=h, json={
+        "adapter_name": "fleet", "dataset_id": ids[0], "validation_dataset_id": ids[1], "epochs": 10,
+        "batch_size": 4, "num_virtual_tokens": 8, "learning_rate": 0.1, "seed": 4})
+    assert r.status_code == 202, r.text
+    deadline = time.monotonic() + 240  # the first job waits for the niced trainer's one-time imports
+    while (job := api.client.get(f"/v1/jobs/{r.json()['id']}", headers=h).json())["status"] in ("queued", "running"):
+        assert time.monotonic() < deadline, job
+        time.sleep(0.2)
+    assert job["status"] == "succeeded", job
+    decoding = job["metrics"]["decoding"]
+    assert [t["name"] for t in decoding["tried"]][0] == "greedy" and decoding["tried"][0]["accuracy"] >= 0.5
+    version = api.client.get("/v1/adapters/fleet", headers=h).json()
+    assert version["generation_defaults"] == decoding["best"]
+    assert decoding["best"]["temperature"] == 0.0 and decoding["best"]["stop"] == ["\n"]
+    archive = api.client.get("/v1/adapters/fleet/download", headers=h).content
+    adapter_dir = tmp_path / "fleet"
+    zipfile.ZipFile(io.BytesIO(archive)).extractall(adapter_dir)
+    best = decoding["best"]
+    want = engine_reference(api.engine, "apple river stone:", SamplingParams(
+        max_tokens=best["max_tokens"], temperature=0.0, stop=tuple(best["stop"]),
+        repetition_penalty=best.get("repetition_penalty", 1.0)), adapter_dir)
+    # the official client, over the test app's own transport (TestClient is an httpx.Client)
+    client = OpenAI(base_url=f"{api.client.base_url}/v1", api_key=h["Authorization"].split()[1], max_retries=0,
+                    http_client=api.client)
+    out = client.completions.create(model="fleet", prompt="apple river stone:")
+    assert out.choices[0].text == want and want.strip() == "the fleet sails"

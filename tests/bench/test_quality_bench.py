@@ -38,7 +38,9 @@ def test_bench_prints_the_table(tmp_path, capsys):
         assert row["train_seconds"] > 0 and len(row["epochs"]) == 4  # the job default
         assert row["target_met"] == quality_bench.met(row["zero_shot_accuracy"], row["tuned_accuracy"])
         assert row["task"] in out
-    assert "zero-shot" in out and "tuned" in out and "train s" in out
+        assert 0.0 <= row["client_default_accuracy"] <= 1.0 and row["tuned_decoding"] in out
+        assert row["generation_defaults"]["max_tokens"] >= 1
+    assert "zero-shot" in out and "tuned" in out and "train s" in out and "T=1" in out
     assert json.loads((tmp_path / "out.json").read_text()) == json.loads(json.dumps(rows))
     with pytest.raises(SystemExit):
         quality_bench.main(["--model", str(ckpt), "--tasks", "nope"])

@@ -23,7 +23,7 @@ from promptfleet.adapters.errors import (AdapterConflict, AdapterIncompatible, A
                                          InvalidAdapterName)
 from promptfleet.adapters.fingerprint import model_fingerprint
 from promptfleet.adapters.generation_defaults import (GenerationDefaults, InvalidGenerationDefaults,
-                                                      parse_generation_config)
+                                                      parse_generation_config, validate_defaults)
 from promptfleet.adapters.models import AdapterVersion
 from promptfleet.adapters.storage import BlobStorage, sha256_hex
 from promptfleet.db import utcnow
@@ -191,9 +191,10 @@ def set_generation_defaults(session: Session, *, tenant_id: str, ref: str,
 
 def register_adapter(session: Session, *, storage: BlobStorage, tenant_id: str, name: str, config: dict,
                      safetensors_bytes: bytes, model_config: ModelConfig,
-                     source_job_id: str | None = None) -> AdapterVersion:
-    """Register an adapter produced in-process (the trainer). Idempotent on ``source_job_id``:
-    registering the same job again returns the version it registered the first time."""
+                     source_job_id: str | None = None, generation_defaults: dict | None = None) -> AdapterVersion:
+    """Register an adapter produced in-process (the trainer), with the decoding defaults its
+    job tuned, if any. Idempotent on ``source_job_id``: registering the same job again returns
+    the version it registered the first time."""
     validate_adapter_name(name)
     if source_job_id is not None and (existing := _by_job(session, source_job_id)) is not None:
         if existing.tenant_id != tenant_id:
@@ -204,9 +205,10 @@ def register_adapter(session: Session, *, storage: BlobStorage, tenant_id: str, 
     config_bytes = json.dumps(config, indent=2, sort_keys=True).encode("utf-8")
     weights = _validated(config_bytes, safetensors_bytes, model_config)
     _require_tenant(session, tenant_id)
+    defaults = None if generation_defaults is None else validate_defaults(generation_defaults).as_dict()
     return _store(session, storage=storage, tenant_id=tenant_id, name=name, weights=weights,
                   blob=write_adapter_zip(config_bytes, safetensors_bytes), model_config=model_config,
-                  source_job_id=source_job_id)
+                  source_job_id=source_job_id, generation_defaults=defaults)
 
 
 def _live(tenant_id: str, name: str):

@@ -21,7 +21,7 @@ from __future__ import annotations
 import inspect
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -81,11 +81,26 @@ def _n_virtual(model: Any) -> int:
     return int(model.active_peft_config.num_virtual_tokens) if _method(model) is not None else 0
 
 
+Pick = Callable[[torch.Tensor, list[list[int]]], torch.Tensor]  # (last logits [R, V], tokens so far) -> [R]
+
+
+def argmax_pick(logits: torch.Tensor, generated: list[list[int]]) -> torch.Tensor:
+    return logits.argmax(-1)
+
+
 @torch.no_grad()
 def greedy_batch(model: Any, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, eos_id: int,
                  pad_id: int) -> list[list[int]]:
     """Greedy completions of ``prompts`` (token ids) under ``model`` (a base module or a
     prompt-learning ``PeftModel``); each stops after its EOS or ``max_new_tokens``."""
+    return decode_batch(model, prompts, max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=pad_id)
+
+
+@torch.no_grad()
+def decode_batch(model: Any, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, eos_id: int, pad_id: int,
+                 pick: Pick = argmax_pick) -> list[list[int]]:
+    """Completions of ``prompts`` under ``model``, each next token chosen by ``pick`` from the
+    last logits and what each row generated so far (greedy by default)."""
     method, base, n = _method(model), _base(model), _n_virtual(model)
     device = next(base.parameters()).device
     rows, width = len(prompts), max(1, max(len(p) for p in prompts))
@@ -118,7 +133,7 @@ def greedy_batch(model: Any, prompts: Sequence[Sequence[int]], *, max_new_tokens
     done = torch.zeros(rows, dtype=torch.bool, device=device)
     tokens: list[list[int]] = [[] for _ in range(rows)]
     for step in range(max_new_tokens):
-        token = logits.argmax(-1)
+        token = pick(logits, tokens)
         for r in range(rows):
             if not done[r]:
                 tokens[r].append(int(token[r]))

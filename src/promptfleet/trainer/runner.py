@@ -201,7 +201,9 @@ def _train(ctx: WorkerContext, claim: Claim, monitor: JobMonitor,
                       seed=int(p.get("seed", 0)), init=p.get("init") or "random_vocab",
                       init_text=p.get("init_text"), device=ctx.settings.device,
                       validation_fraction=None if fraction is None else float(fraction),
-                      early_stopping_patience=None if patience is None else int(patience))
+                      early_stopping_patience=None if patience is None else int(patience),
+                      tune_decoding=bool(p.get("tune_decoding", True)),
+                      decoding_budget=int(ctx.settings.job_decoding_search_budget))
     hooks = dict(on_total=monitor.set_total, progress=monitor.progress, on_epoch=monitor.epoch,
                  should_cancel=monitor.should_stop, wall_clock=wall_clock)
     if ctx.isolation is not None:
@@ -244,7 +246,8 @@ def _register_once(ctx: WorkerContext, claim: Claim, result: TrainResult, model_
             version = register_adapter(session, storage=ctx.storage(), tenant_id=claim.tenant_id,
                                        name=claim.adapter_name, config=result.adapter_config,
                                        safetensors_bytes=result.safetensors_bytes, model_config=model_config,
-                                       source_job_id=job_id)
+                                       source_job_id=job_id,
+                                       generation_defaults=(result.metrics.get("decoding") or {}).get("best"))
             ref = f"{version.name}@{version.version}"
             jobstate.finish(session, job_id=job_id, attempt=attempt, status="succeeded", metrics=result.metrics,
                             adapter_version=version.version, adapter=ref, steps=result.metrics["steps"])

@@ -44,6 +44,8 @@ class JobRequest(BaseModel):
     validation_fraction: float | None = Field(default=None, ge=0.0, le=0.5)
     validation_dataset_id: str | None = Field(default=None, min_length=1, max_length=64)
     early_stopping_patience: int | None = Field(default=None, ge=1, le=1000)
+    tune_decoding: bool = Field(default=True, description="With validation data: after training, pick the new "
+                                "version's decoding defaults on it (greedy, repetition penalty, sampled).")
 
     @model_validator(mode="after")
     def _resolve_init(self) -> "JobRequest":
@@ -65,4 +67,4 @@ class JobRequest(BaseModel):
                 "learning_rate": self.learning_rate, "batch_size": self.batch_size, "max_steps": self.max_steps,
                 "seed": self.seed, "init": self.init, "init_text": self.init_text,
                 "validation_fraction": self.validation_fraction, "validation_dataset_id": self.validation_dataset_id,
-                "early_stopping_patience": self.early_stopping_patience}
+                "early_stopping_patience": self.early_stopping_patience, "tune_decoding": self.tune_decoding}

@@ -29,6 +29,7 @@ import torch
 from peft import PeftModel
 
 from promptfleet.trainer.backbone import eos_id, load_backbone, load_tokenizer
+from promptfleet.trainer.decoding_search import DEFAULT_BUDGET, search_decoding
 from promptfleet.trainer.batches import (MAX_LOSS_POINTS, _downsample, batch_order, collate,  # noqa: F401
                                          export_adapter, split_validation, total_steps)
 from promptfleet.trainer.datasets import Example
@@ -88,6 +89,9 @@ class TrainConfig:
     validation_fraction: float | None = None
     early_stopping_patience: int | None = None
     max_eval_examples: int = MAX_EVAL_EXAMPLES
+    # with validation: tune the served decoding settings on it after training (decoding_search.py)
+    tune_decoding: bool = True
+    decoding_budget: int = DEFAULT_BUDGET  # completions the search may run (examples x settings)
     encoder_hidden_size: int | None = None  # p_tuning's MLP width (PEFT default: the model width)
 
     @property
@@ -237,12 +241,16 @@ def train(cfg: TrainConfig, examples: Sequence[Example], *, validation: Sequence
     if validation:
         metrics["best_epoch"] = best[1] if best else None
         metrics["stopped_early"] = stopped_early
-        metrics["eval_seconds"] = eval_seconds
         if cfg.early_stopping_patience and best is not None:  # export the best epoch's adapter
             with torch.no_grad():
                 named = dict(model.named_parameters())
                 for k, v in best[2].items():
                     named[k].copy_(v)
+        if cfg.tune_decoding and cfg.decoding_budget > 0:
+            metrics["decoding"] = search_decoding(model, validation, tokenizer=tokenizer, eos_id=eos, pad_id=pad_id,
+                                                  budget=cfg.decoding_budget, seed=cfg.seed)
+            eval_seconds += metrics["decoding"]["seconds"]
+        metrics["eval_seconds"] = eval_seconds
     window = min(10, max(1, math.ceil(done / 10)))
     metrics.update({
         "loss": _downsample(losses),

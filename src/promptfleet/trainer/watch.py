@@ -2,6 +2,7 @@
 with a line above it for the zero-shot evaluation and for each epoch as they arrive."""
 from __future__ import annotations
 
+import json
 import sys
 import time
 from collections.abc import Callable
@@ -43,6 +44,11 @@ def evaluation_lines(metrics: dict[str, Any]) -> list[str]:
         lines.append(line)
     if metrics.get("stopped_early"):
         lines.append(f"stopped early; kept epoch {metrics.get('best_epoch')}")
+    decoding = metrics.get("decoding")
+    if decoding:
+        tried = ", ".join(f"{t.get('name')} {_fmt(t.get('accuracy'), '.1%')}" for t in decoding.get("tried") or [])
+        lines.append(f"decoding on {decoding.get('examples', '?')} validation examples: {tried}")
+        lines.append(f"-> generation defaults {json.dumps(decoding.get('best'))}")
     return lines
 
 
