@@ -52,6 +52,13 @@ class Console:
         page.get_by_label(kind, exact=True).check()
         page.get_by_role("button", name="Sign in").click()
 
+    def new_tenant_signed_in(self, page):
+        """A new tenant signed in on the console's first view (Adapters): ``(key, that view)``."""
+        key = self.new_tenant()
+        page.goto(self.url)
+        self.sign_in(page, key)
+        return key, self.view(page, "Adapters")
+
     @staticmethod
     def view(page, name: str):
         """The visible view (a labelled region) called ``name``; hidden views do not match."""

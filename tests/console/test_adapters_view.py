@@ -21,10 +21,7 @@ DROP = """([name, b64]) => {
 
 def test_drop_two_versions_list_them_and_delete_after_confirming(page: Page, console, tiny_checkpoint: Path,
                                                                  tmp_path: Path):
-    key = console.new_tenant()
-    page.goto(console.url)
-    console.sign_in(page, key)
-    view = console.view(page, "Adapters")
+    key, view = console.new_tenant_signed_in(page)
     for n_virtual, seed in ((3, 1), (5, 2)):
         archive = zip_directory(make_peft_adapter(tiny_checkpoint, tmp_path / f"a{seed}", "prefix_tuning", n_virtual,
                                                   seed))

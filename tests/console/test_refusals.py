@@ -38,10 +38,7 @@ def test_a_bad_key_is_refused_with_the_servers_message(page: Page, console):
 
 def test_hostile_adapter_and_malformed_dataset_show_the_servers_reason(page: Page, console, tiny_checkpoint: Path,
                                                                        tmp_path: Path):
-    key = console.new_tenant()
-    page.goto(console.url)
-    console.sign_in(page, key)
-    view = console.view(page, "Adapters")
+    key, view = console.new_tenant_signed_in(page)
     expect(view).to_be_visible()
 
     # a PEFT folder plus a member that climbs out of the extraction dir

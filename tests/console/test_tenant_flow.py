@@ -39,10 +39,7 @@ def _dismiss_messages(page: Page) -> None:
 
 
 def test_sign_in_upload_train_watch_and_compare(page: Page, console, tiny_checkpoint: Path, tmp_path: Path):
-    key = console.new_tenant()
-    page.goto(console.url)
-    console.sign_in(page, key)
-    view = console.view(page, "Adapters")
+    key, view = console.new_tenant_signed_in(page)
     expect(view).to_be_visible()
     assert key not in page.content()  # the key is in sessionStorage only, not in the document
     assert page.evaluate("sessionStorage.getItem('promptfleet.key')") == key

@@ -12,7 +12,6 @@ whose server reaches PostgreSQL through a TCP proxy the test controls.
 """
 from __future__ import annotations
 
-import threading
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ import httpx
 import pytest
 
 from promptfleet.client import zip_directory
+from promptfleet.testing.client_threads import ClientThreads
 from promptfleet.testing.peft import make_peft_adapter
 from promptfleet.testing.polling import wait_for
 from promptfleet.testing.sse import stream_completion
@@ -98,7 +98,7 @@ class Outcome:
     complete: bool = True  # a 200 stream ended with exactly one [DONE] and one finish_reason
 
 
-class Load:
+class Load(ClientThreads):
     """Background clients: completions (plain and streamed, adapter and base model), adapter
     uploads and job submissions, until ``stop()``. Every outcome is recorded."""
 
@@ -107,11 +107,8 @@ class Load:
         self.outcomes: list[Outcome] = []
         self.uploaded: list[tuple[str, int, str]] = []   # (name, version, sha256) answered 201
         self.jobs: list[str] = []                         # job ids answered 202
-        self._stop = threading.Event()
-        self._lock = threading.Lock()
-        self._threads = [threading.Thread(target=self._loop, args=(fn, n), daemon=True)
-                         for n, fn in enumerate([self._complete, self._complete, self._complete, self._complete,
-                                                 self._upload, self._job])]
+        self._spawn((self._loop, (fn, n)) for n, fn in enumerate([self._complete, self._complete, self._complete,
+                                                                  self._complete, self._upload, self._job]))
 
     def _record(self, o: Outcome) -> None:
         with self._lock:
@@ -171,16 +168,6 @@ class Load:
         wait_for(lambda: all(self.succeeded(kind, ok, after) for kind, ok in SUCCESS), timeout=240, interval=0.2,
                  what=what, on_timeout=lambda: f"{Counter((o.kind, o.status) for o in self.outcomes)}\n{logs()}")
 
-    def start(self) -> "Load":
-        for t in self._threads:
-            t.start()
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-        for t in self._threads:
-            t.join(timeout=60)
-        assert not any(t.is_alive() for t in self._threads), "a load thread hung"
 
 
 def test_api_restart_under_load_loses_nothing_accepted(stack, jsonl, tiny_checkpoint, tmp_path):

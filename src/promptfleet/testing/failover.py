@@ -4,13 +4,14 @@ same request to the next. ``FailoverLoad`` runs such clients in threads until st
 records every outcome."""
 from __future__ import annotations
 
-import threading
 import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import httpx
+
+from promptfleet.testing.client_threads import ClientThreads
 
 
 class Failover:
@@ -48,7 +49,7 @@ class Op:
     pause: float = 0.0
 
 
-class FailoverLoad:
+class FailoverLoad(ClientThreads):
     """One thread per ``Op`` until ``stop()``; outcomes are ``(time, kind, status)``,
     status 0 when every replica failed at the transport level."""
 
@@ -56,9 +57,7 @@ class FailoverLoad:
         self.key = key
         self.outcomes: list[tuple[float, str, int]] = []
         self.retries = 0
-        self._stop = threading.Event()
-        self._lock = threading.Lock()
-        self._threads = [threading.Thread(target=self._run, args=(op,), daemon=True) for op in ops]
+        self._spawn((self._run, (op,)) for op in ops)
 
     def _run(self, op: Op) -> None:
         lb = Failover(op.urls, self.key)
@@ -85,13 +84,3 @@ class FailoverLoad:
         with self._lock:
             return Counter((k, s) for _, k, s in self.outcomes)
 
-    def start(self) -> "FailoverLoad":
-        for t in self._threads:
-            t.start()
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-        for t in self._threads:
-            t.join(timeout=90)
-        assert not any(t.is_alive() for t in self._threads), "a client thread hung"

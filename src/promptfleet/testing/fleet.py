@@ -15,7 +15,6 @@ from pathlib import Path
 import httpx
 
 from promptfleet.adapters.s3_local import TcpProxy
-from promptfleet.testing.polling import wait_for
 from promptfleet.testing.stack import Stack
 
 S3_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": "us-east-1"}
@@ -104,15 +103,7 @@ class Fleet:
 
     def wait_job(self, key: str, job_id: str, *, until: Callable[[dict], bool], via: str, timeout: float = 120,
                  what: str = "the job") -> dict:
-        host = self.replicas[via]
-        with host.client(key) as c:
-            def check():
-                r = c.get(f"/v1/jobs/{job_id}")
-                assert r.status_code == 200, r.text
-                job = r.json()
-                return job if until(job) else None
-
-            return wait_for(check, timeout=timeout, interval=0.2, what=what, on_timeout=self.logs)
+        return self.replicas[via].wait_job(key, job_id, until=until, timeout=timeout, what=what, on_timeout=self.logs)
 
     def warm(self, via: str) -> list[dict]:
         """Replica ``via``'s warm adapters (``GET /admin/cache/adapters``)."""

@@ -135,7 +135,7 @@ class Stack:
         return r.json()["api_key"]
 
     def wait_job(self, key: str, job_id: str, *, until: Callable[[dict], bool], timeout: float = 120,
-                 interval: float = 0.2, what: str = "the job") -> dict:
+                 interval: float = 0.2, what: str = "the job", on_timeout: Callable[[], str] | None = None) -> dict:
         with self.client(key) as c:
             def check():
                 r = c.get(f"/v1/jobs/{job_id}")
@@ -143,4 +143,4 @@ class Stack:
                 job = r.json()
                 return job if until(job) else None
 
-            return wait_for(check, timeout=timeout, interval=interval, what=what, on_timeout=self.logs)
+            return wait_for(check, timeout=timeout, interval=interval, what=what, on_timeout=on_timeout or self.logs)
