@@ -68,6 +68,33 @@ def test_tenant_lifecycle(make_api, db_kind):
     _err(api.client.post("/admin/tenants/bad%00id/rotate-key", headers=api.admin()), 404)
 
 
+def test_tenant_limits_change_from_the_next_request(make_api, db_kind):
+    """PATCH /admin/tenants/{id}: the limits given change (null: the server's default), the
+    others stay; a rate of 1 per 100 s with burst 1 refuses the second request at once, and
+    back to the default it does not."""
+    api = make_api(db=db_kind)
+    tenant_id, h = api.new_tenant("limits")
+    url = f"/admin/tenants/{tenant_id}"
+    r = api.client.patch(url, json={"max_concurrent": 2, "rate_per_s": 0.01, "rate_burst": 1}, headers=api.admin())
+    assert r.status_code == 200, r.text
+    assert (r.json()["max_concurrent"], r.json()["rate_per_s"], r.json()["rate_burst"]) == (2, 0.01, 1)
+    assert api.client.get("/v1/models", headers=h).status_code == 200
+    _err(api.client.get("/v1/models", headers=h), 429)
+    r = api.client.patch(url, json={"rate_per_s": None}, headers=api.admin())  # the others stay
+    assert (r.json()["max_concurrent"], r.json()["rate_per_s"], r.json()["rate_burst"]) == (2, None, 1)
+    listed = next(t for t in api.client.get("/admin/tenants", headers=api.admin()).json()["data"]
+                  if t["id"] == tenant_id)
+    assert (listed["max_concurrent"], listed["rate_per_s"], listed["rate_burst"]) == (2, None, 1)
+    for body in ({"rate_per_s": 0}, {"max_concurrent": "3"}, {"max_concurrent": 0}, {"name": "x"}):
+        assert api.client.patch(url, json=body, headers=api.admin()).status_code in (400, 422), body
+    _err(api.client.patch("/admin/tenants/0123456789abcdef0123456789abcdef", json={"rate_burst": 2},
+                          headers=api.admin()), 404, "tenant_not_found")
+    _err(api.client.patch(url, json={"rate_burst": 2}, headers=h), 401)
+    after = next(t for t in api.client.get("/admin/tenants", headers=api.admin()).json()["data"]
+                 if t["id"] == tenant_id)
+    assert (after["max_concurrent"], after["rate_per_s"], after["rate_burst"]) == (2, None, 1)  # refusals changed nothing
+
+
 def test_request_id_is_echoed_or_made(api):
     r = api.client.get("/healthz", headers={"X-Request-ID": "abc-123"})
     assert r.headers["x-request-id"] == "abc-123"

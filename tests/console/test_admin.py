@@ -22,10 +22,11 @@ def test_admin_creates_a_tenant_with_limits_and_rotates_its_key(page: Page, cons
     assert ADMIN_KEY not in page.content()
 
     name = f"acme-{uuid.uuid4().hex[:6]}"
-    view.get_by_label("Tenant name").fill(name)
-    view.get_by_label("Max concurrent requests").fill("3")
-    view.get_by_label("Requests per second").fill("2.5")
-    view.get_by_label("Burst").fill("7")
+    create = view.locator("#tenant-form")
+    create.get_by_label("Tenant name").fill(name)
+    create.get_by_label("Max concurrent requests").fill("3")
+    create.get_by_label("Requests per second").fill("2.5")
+    create.get_by_label("Burst").fill("7")
     view.get_by_role("button", name="Create tenant").click()
     key_field = view.get_by_label(f"New API key of {name} (shown once: copy it now)")
     expect(key_field).to_be_visible()
@@ -42,6 +43,37 @@ def test_admin_creates_a_tenant_with_limits_and_rotates_its_key(page: Page, cons
     expect(row.nth(3)).to_have_text("2.5")
     expect(row.nth(4)).to_have_text("7")
 
+    # change its limits: blank is the server's default; the API and the table agree, and the
+    # new rate holds from the next request (1 per 100 s, burst 1: the second is refused)
+    view.get_by_role("button", name=f"Edit limits of {name}").click()
+    limits = view.get_by_role("form", name=f"Limits of {name} (blank: the server's default)")
+    expect(limits).to_be_visible()
+    expect(limits.get_by_label("Max concurrent requests")).to_have_value("3")
+    limits.get_by_label("Max concurrent requests").fill("")
+    limits.get_by_label("Requests per second").fill("0.01")
+    limits.get_by_label("Burst").fill("1")
+    limits.get_by_role("button", name="Save limits").click()
+    expect(limits).to_be_hidden()
+    expect(row.nth(2)).to_have_text("default")
+    expect(row.nth(3)).to_have_text("0.01")
+    saved = next(t for t in httpx.get(f"{console.server.base_url}/admin/tenants?limit=100",
+                                      headers={"Authorization": f"Bearer {ADMIN_KEY}"}).json()["data"]
+                 if t["name"] == name)
+    assert (saved["max_concurrent"], saved["rate_per_s"], saved["rate_burst"]) == (None, 0.01, 1)
+    assert [_status(console, first_key) for _ in range(2)] == [200, 429]
+    view.get_by_role("button", name=f"Edit limits of {name}").click()
+    limits.get_by_label("Requests per second").fill("0")  # the API refuses (above 0): its message, nothing changed
+    limits.get_by_role("button", name="Save limits").click()
+    expect(console.error(page)).to_contain_text("limits refused:")
+    again = next(t for t in httpx.get(f"{console.server.base_url}/admin/tenants?limit=100",
+                                      headers={"Authorization": f"Bearer {ADMIN_KEY}"}).json()["data"]
+                 if t["name"] == name)
+    assert again == saved
+    limits.get_by_label("Requests per second").fill("")
+    limits.get_by_label("Burst").fill("")
+    limits.get_by_role("button", name="Save limits").click()
+    expect(limits).to_be_hidden()
+
     # rotate: confirm in the dialog; the old key stops working, the new one works
     view.get_by_role("button", name=f"Rotate key of {name}").click()
     dialog = page.get_by_role("dialog")
@@ -57,7 +89,7 @@ def test_admin_creates_a_tenant_with_limits_and_rotates_its_key(page: Page, cons
     assert _status(console, second_key) == 200
 
     # a refused tenant: the API's message
-    view.get_by_label("Tenant name").fill(name)
+    create.get_by_label("Tenant name").fill(name)
     view.get_by_role("button", name="Create tenant").click()
     r = httpx.post(f"{console.server.base_url}/admin/tenants", json={"name": name},
                    headers={"Authorization": f"Bearer {ADMIN_KEY}"})

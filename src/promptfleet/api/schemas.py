@@ -215,6 +215,16 @@ class TenantCreate(BaseModel):
     rate_burst: int | None = Field(default=None, ge=1, le=1_000_000)
 
 
+class TenantLimitsPatch(BaseModel):
+    """``PATCH /admin/tenants/{id}``: the limits given change (null: back to the server's
+    default); the ones left out stay as they are."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    max_concurrent: int | None = Field(default=None, ge=1, le=100_000)
+    rate_per_s: float | None = Field(default=None, gt=0, le=1e6)
+    rate_burst: int | None = Field(default=None, ge=1, le=1_000_000)
+
+
 class TenantOut(BaseModel):
     object: Literal["tenant"] = "tenant"
     id: str

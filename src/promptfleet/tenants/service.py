@@ -109,6 +109,23 @@ def authenticate(session: Session, *, api_key: str) -> Tenant | None:
     return session.scalar(stmt)
 
 
+LIMIT_FIELDS = ("max_concurrent", "rate_per_s", "rate_burst")
+
+
+def set_tenant_limits(session: Session, *, tenant_id: str, limits: dict) -> Tenant:
+    """Set the given per-tenant limits (None: the server's default); read on every request,
+    so they hold from the next one, on every replica."""
+    unknown = set(limits) - set(LIMIT_FIELDS)
+    if unknown:
+        raise ValueError(f"unknown tenant limit(s): {', '.join(sorted(unknown))}")
+    tenant = get_tenant(session, tenant_id=tenant_id)
+    for name, value in limits.items():
+        setattr(tenant, name, value)
+    session.flush()
+    log.info("tenant %s limits: %s", tenant_id, {k: getattr(tenant, k) for k in LIMIT_FIELDS})
+    return tenant
+
+
 def rotate_key(session: Session, *, tenant_id: str) -> str:
     """Revoke every active key of the tenant and return a new one (shown once)."""
     get_tenant(session, tenant_id=tenant_id)

@@ -9,11 +9,11 @@ from promptfleet.api.errors import APIError, bad_request, not_found
 from promptfleet.api.pagination import PageDep, page_fields, unknown_cursor
 from promptfleet.api.responses import error_responses
 from promptfleet.api.routes import warm
-from promptfleet.api.schemas import TenantCreate, TenantCreated, TenantKey, TenantList, TenantOut
+from promptfleet.api.schemas import TenantCreate, TenantCreated, TenantKey, TenantLimitsPatch, TenantList, TenantOut
 from promptfleet.paging import UnknownCursor
 from promptfleet.tenants.models import Tenant
 from promptfleet.tenants.service import (InvalidTenantName, TenantExistsError, TenantNotFound, create_tenant,
-                                         get_tenant, page_tenants, rotate_key)
+                                         get_tenant, page_tenants, rotate_key, set_tenant_limits)
 
 router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(require_admin)])
 router.include_router(warm.router)  # /admin/cache/adapters: what this replica holds warm
@@ -49,6 +49,20 @@ def all_tenants(session: SessionDep, page: PageDep) -> TenantList:
         raise unknown_cursor(page.after or "") from None
     return TenantList(data=[TenantOut(**tenant_out(t)) for t in rows.items],
                       **page_fields([t.id for t in rows.items], rows.has_more))
+
+
+@router.patch("/tenants/{tenant_id}", response_model=TenantOut, responses=error_responses(400, 401, 404, 422))
+def patch_limits(tenant_id: str, body: TenantLimitsPatch, session: SessionDep) -> TenantOut:
+    """Change a tenant's limits: the fields given (null: the server's default), from its next request."""
+    if not plausible_id(tenant_id):
+        raise not_found(f"tenant {tenant_id!r} not found", code="tenant_not_found")
+    try:
+        tenant = set_tenant_limits(session, tenant_id=tenant_id,
+                                   limits={k: getattr(body, k) for k in body.model_fields_set})
+        session.commit()
+    except TenantNotFound as exc:
+        raise not_found(str(exc), code="tenant_not_found") from None
+    return TenantOut(**tenant_out(tenant))
 
 
 @router.post("/tenants/{tenant_id}/rotate-key", response_model=TenantKey, responses=error_responses(401, 404))

@@ -60,6 +60,7 @@ export async function api(method, path, options) {
 
 export const get = (path, options) => api("GET", path, options);
 export const post = (path, json, options) => api("POST", path, { ...options, json });
+export const patch = (path, json, options) => api("PATCH", path, { ...options, json });
 
 // Every item of an OpenAI-style paged list (limit/after/has_more).
 export async function getAll(path) {
