@@ -1,11 +1,13 @@
 // Playground: one prompt, up to three models answering side by side, each streamed token
-// by token over SSE from /v1/completions.
+// by token over SSE from /v1/completions; with "own defaults", the sampling fields are left
+// out so each adapter answers with its decoding defaults.
 import { get, streamCompletion } from "./api.js";
 import { $, el, showError } from "./ui.js";
 
 const NONE = "";
 
 function params() {
+  if ($("#play-own-defaults").checked) return { prompt: $("#play-prompt").value };  // the server applies the defaults
   const number = (id, parse) => { const v = $(id).value.trim(); return v === "" ? null : parse(v); };
   const body = {
     prompt: $("#play-prompt").value,
