@@ -25,6 +25,7 @@ from typing import Any
 from tqdm import tqdm
 
 from promptfleet.bench.quality_tasks import TASKS, to_jsonl
+from promptfleet.trainer.decoding_search import CLIENT_DEFAULT
 from promptfleet.trainer.train import TrainConfig, train_dataset
 
 log = logging.getLogger(__name__)
@@ -58,8 +59,7 @@ def run_task(name: str, *, model: str, seed: int, n_train: int, n_test: int) -> 
     zero, tuned = m["zero_shot"]["val_accuracy"], m["epochs"][-1]["val_accuracy"]
     decoding = m.get("decoding") or {}
     by_name = {t["name"]: t["accuracy"] for t in decoding.get("tried", [])}
-    naive = next((acc for name, acc in by_name.items() if "client's default" in name), None)
-    return {"client_default_accuracy": naive, "tuned_decoding": decoding.get("chosen"),
+    return {"client_default_accuracy": by_name.get(CLIENT_DEFAULT.name), "tuned_decoding": decoding.get("chosen"),
             "tuned_decoding_accuracy": by_name.get(decoding.get("chosen")), "generation_defaults": decoding.get("best"),
             "task": name, "description": task.description, "train_examples": len(task.train),
             "test_examples": len(task.test), "zero_shot_accuracy": zero, "tuned_accuracy": tuned,

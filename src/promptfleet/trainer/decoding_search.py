@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from promptfleet.trainer.datasets import Example
-from promptfleet.trainer.evaluate import EVAL_BATCH_SIZE, EXTRA_TOKENS, Pick, decode_batch, exact_match
+from promptfleet.trainer.evaluate import EXTRA_TOKENS, Pick, complete_examples, exact_match
 
 log = logging.getLogger(__name__)
 
@@ -46,11 +46,13 @@ class Candidate:
         return out
 
 
+# what a client that sends no sampling field got before adapters carried defaults
+CLIENT_DEFAULT = Candidate("temperature 1.0 (a client's default)", temperature=1.0)
 CANDIDATES = (
     Candidate("greedy"),
     Candidate("greedy, repetition_penalty 1.2", repetition_penalty=1.2),
     Candidate("temperature 0.7, top_p 0.9", temperature=0.7, top_p=0.9),
-    Candidate("temperature 1.0 (a client's default)", temperature=1.0),
+    CLIENT_DEFAULT,
 )
 
 
@@ -84,17 +86,9 @@ def sampler(candidate: Candidate, prompts: Sequence[Sequence[int]], *, seed: int
 
 def _accuracy(model: Any, examples: Sequence[Example], candidate: Candidate, *, tokenizer: Any, eos_id: int,
               pad_id: int, seed: int) -> float:
-    hits = 0
-    for start in range(0, len(examples), EVAL_BATCH_SIZE):
-        chunk = examples[start:start + EVAL_BATCH_SIZE]
-        prompts = [e.prompt_ids for e in chunk]
-        budget = max(len(e.completion_ids) for e in chunk) + EXTRA_TOKENS
-        outs = decode_batch(model, prompts, max_new_tokens=budget, eos_id=eos_id, pad_id=pad_id,
-                            pick=sampler(candidate, prompts, seed=seed + start))
-        for e, toks in zip(chunk, outs):
-            ids = toks[:-1] if toks and toks[-1] == eos_id else toks
-            hits += exact_match(tokenizer.decode(ids, skip_special_tokens=True), e.completion)
-    return hits / len(examples)
+    texts = complete_examples(model, examples, tokenizer=tokenizer, eos_id=eos_id, pad_id=pad_id,
+                              picker=lambda prompts, start: sampler(candidate, prompts, seed=seed + start))
+    return sum(exact_match(t, e.completion) for t, e in zip(texts, examples)) / len(examples)
 
 
 def search_decoding(model: Any, validation: Sequence[Example], *, tokenizer: Any, eos_id: int, pad_id: int,

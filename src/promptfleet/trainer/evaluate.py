@@ -166,6 +166,24 @@ def completion_loss(model: Any, examples: Sequence[Example], *, pad_id: int,
     return total / max(count, 1)
 
 
+def complete_examples(model: Any, examples: Sequence[Example], *, tokenizer: Any, eos_id: int, pad_id: int,
+                      batch_size: int = EVAL_BATCH_SIZE, extra_tokens: int = EXTRA_TOKENS,
+                      picker: Callable[[list[list[int]], int], Pick] | None = None) -> list[str]:
+    """The completions of ``examples``' prompts as text, in order, batch by batch; each batch
+    decodes as long as its longest reference plus ``extra_tokens`` (EOS cut, special tokens
+    skipped). ``picker(prompts, start)`` gives a batch's token picker (default greedy)."""
+    texts: list[str] = []
+    for start in range(0, len(examples), batch_size):
+        chunk = examples[start:start + batch_size]
+        prompts = [e.prompt_ids for e in chunk]
+        budget = max(len(e.completion_ids) for e in chunk) + extra_tokens
+        pick = argmax_pick if picker is None else picker(prompts, start)
+        for toks in decode_batch(model, prompts, max_new_tokens=budget, eos_id=eos_id, pad_id=pad_id, pick=pick):
+            text_ids = toks[:-1] if toks and toks[-1] == eos_id else toks
+            texts.append(tokenizer.decode(text_ids, skip_special_tokens=True))
+    return texts
+
+
 def evaluate(model: Any, examples: Sequence[Example], *, tokenizer: Any, eos_id: int, pad_id: int,
              batch_size: int = EVAL_BATCH_SIZE, extra_tokens: int = EXTRA_TOKENS) -> Evaluation:
     """Validation loss and greedy exact-match accuracy of ``model`` on ``examples``."""
@@ -177,14 +195,10 @@ def evaluate(model: Any, examples: Sequence[Example], *, tokenizer: Any, eos_id:
         order = sorted(range(len(examples)), key=lambda i: (len(examples[i].completion_ids),
                                                              len(examples[i].prompt_ids)))
         completions: list[str] = [""] * len(examples)
-        for start in range(0, len(order), batch_size):
-            chunk = order[start:start + batch_size]
-            budget = max(len(examples[i].completion_ids) for i in chunk) + extra_tokens
-            tokens = greedy_batch(model, [examples[i].prompt_ids for i in chunk], max_new_tokens=budget,
-                                  eos_id=eos_id, pad_id=pad_id)
-            for i, toks in zip(chunk, tokens):
-                text_ids = toks[:-1] if toks and toks[-1] == eos_id else toks
-                completions[i] = tokenizer.decode(text_ids, skip_special_tokens=True)
+        texts = complete_examples(model, [examples[i] for i in order], tokenizer=tokenizer, eos_id=eos_id,
+                                  pad_id=pad_id, batch_size=batch_size, extra_tokens=extra_tokens)
+        for i, text in zip(order, texts):
+            completions[i] = text
         hits = sum(exact_match(c, e.completion) for c, e in zip(completions, examples))
     finally:
         model.train(was_training)
