@@ -65,6 +65,12 @@ def cache_key(version: AdapterVersion) -> str:
     return f"{version.sha256}:{version.base_fingerprint}"
 
 
+def split_cache_key(key: str) -> tuple[str, str]:
+    """``(adapter sha256, backbone fingerprint)`` of a ``cache_key``."""
+    sha256, _, base = key.partition(":")
+    return sha256, base
+
+
 # Runs an adapter on the serving backbone and raises ``AdapterError`` when it cannot be
 # served (``Engine.check_adapter``: values that overflow, non-finite keys/values).
 AdapterCheck = Callable[[AdapterWeights], None]

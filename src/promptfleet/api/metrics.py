@@ -23,6 +23,7 @@ from prometheus_client.registry import Collector
 
 from promptfleet.adapters.device_cache import AdapterCache
 from promptfleet.adapters.prefix_store import PrefixStore
+from promptfleet.adapters.service import split_cache_key
 from promptfleet.platform.engine import Engine
 from promptfleet.settings import Settings
 
@@ -141,8 +142,7 @@ class _EngineCollector(Collector):
                                      "replica's device cache (bytes it holds), most recently used first.",
                                      labels=["adapter_sha256", "base"])
             for entry in cache.entries()[:self._max_warm]:
-                sha256, _, base = entry.key.partition(":")
-                warm.add_metric([sha256, base], entry.nbytes)
+                warm.add_metric(list(split_cache_key(entry.key)), entry.nbytes)
             yield warm
         store = self._prefix_store()
         if store is not None:

@@ -16,6 +16,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from promptfleet.adapters.models import AdapterVersion
+from promptfleet.adapters.service import split_cache_key
 from promptfleet.api.deps import SessionDep, StateDep
 from promptfleet.api.responses import error_responses
 from promptfleet.tenants.models import Tenant
@@ -47,8 +48,9 @@ class WarmList(BaseModel):
     data: list[WarmAdapter]
 
 
-def _live_versions(session: Session, sha256s: list[str]) -> dict[str, list[WarmVersion]]:
-    out: dict[str, list[WarmVersion]] = {sha: [] for sha in sha256s}
+def _live_versions(session: Session, sha256s: list[str]) -> dict[tuple[str, str], list[WarmVersion]]:
+    """Live versions per ``(sha256, base_fingerprint)`` (a cache key's parts) of the adapters ``sha256s``."""
+    out: dict[tuple[str, str], list[WarmVersion]] = {}
     if not sha256s:
         return out
     rows = session.execute(
@@ -58,7 +60,7 @@ def _live_versions(session: Session, sha256s: list[str]) -> dict[str, list[WarmV
         .where(AdapterVersion.sha256.in_(sha256s), AdapterVersion.deleted_at.is_(None))
         .order_by(Tenant.name, AdapterVersion.name, AdapterVersion.version))
     for sha, base, tenant_id, tenant, name, version in rows:
-        out.setdefault(f"{sha}:{base}", []).append(
+        out.setdefault((sha, base), []).append(
             WarmVersion(tenant_id=tenant_id, tenant=tenant, name=name, version=version))
     return out
 
@@ -69,12 +71,11 @@ def warm_adapters(state: StateDep, session: SessionDep) -> WarmList:
     cache = state.adapter_cache
     entries = cache.entries()
     stats = cache.stats()
-    keys = [e.key for e in entries]
-    versions = _live_versions(session, sorted({k.partition(":")[0] for k in keys}))
+    versions = _live_versions(session, sorted({split_cache_key(e.key)[0] for e in entries}))
     data = []
     for entry in entries:
-        sha256, _, base = entry.key.partition(":")
+        sha256, base = split_cache_key(entry.key)
         data.append(WarmAdapter(sha256=sha256, base_fingerprint=base, bytes=entry.nbytes,
-                                versions=versions.get(entry.key, [])))
+                                versions=versions.get((sha256, base), [])))
     return WarmList(replica=state.settings.replica_id, entries=len(data), bytes_used=stats.bytes_used,
                     budget_bytes=stats.budget_bytes, data=data)
