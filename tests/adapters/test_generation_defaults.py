@@ -58,3 +58,14 @@ def test_patch_bodies_are_strict():
                        ({"stop": ["a"] * 5}, "stop"), ({"max_tokens": 0}, "max_tokens")):
         with pytest.raises(InvalidGenerationDefaults, match=match):
             validate_defaults(bad)
+
+
+def test_defaults_have_the_completions_api_bounds():
+    """A default can never be what a request could not ask: each field's bounds are the
+    completions request's own (the two models are declared apart; this keeps them equal)."""
+    from promptfleet.adapters.generation_defaults import GenerationDefaults
+    from promptfleet.api.schemas import CompletionRequest
+
+    for name, field in GenerationDefaults.model_fields.items():
+        theirs = CompletionRequest.model_fields[name]
+        assert field.metadata == theirs.metadata and field.annotation == theirs.annotation, name

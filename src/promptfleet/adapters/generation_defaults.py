@@ -17,8 +17,9 @@ from promptfleet.strict_json import strict_loads
 
 GENERATION_CONFIG_NAME = "generation_config.json"
 MAX_GENERATION_CONFIG_BYTES = 64 << 10
-MAX_STOP = 4
+MAX_STOP = 4  # stop strings per request (the completions API's bound too: api/schemas imports these)
 StopText = Annotated[StrictStr, Field(min_length=1, max_length=256)]
+Stop = StopText | Annotated[list[StopText], Field(max_length=MAX_STOP)]  # one string, or a list of them
 
 
 class GenerationDefaults(BaseModel):
@@ -31,7 +32,7 @@ class GenerationDefaults(BaseModel):
     top_k: int | None = Field(default=None, ge=-1, le=100_000)
     repetition_penalty: float | None = Field(default=None, ge=0.01, le=100.0)
     max_tokens: int | None = Field(default=None, ge=1, le=1_000_000)
-    stop: StopText | Annotated[list[StopText], Field(max_length=MAX_STOP)] | None = None
+    stop: Stop | None = None
 
     def as_dict(self) -> dict[str, Any]:
         """The fields that are set (what is stored and applied)."""

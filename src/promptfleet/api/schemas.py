@@ -7,16 +7,14 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
-from promptfleet.adapters.generation_defaults import GenerationDefaults
+from promptfleet.adapters.generation_defaults import GenerationDefaults, Stop
 
 MAX_PROMPTS = 64            # prompts in one request (each is its own choice)
 MAX_CHOICES = 64            # prompts x n
 MAX_PROMPT_CHARS = 200_000  # per prompt string, before tokenization
-MAX_STOP = 4
 
 TokenId = Annotated[StrictInt, Field(ge=0, le=2**31 - 1)]
 PromptText = Annotated[StrictStr, Field(max_length=MAX_PROMPT_CHARS)]
-StopText = Annotated[StrictStr, Field(min_length=1, max_length=256)]
 
 
 # --- errors ---------------------------------------------------------------------------
@@ -62,7 +60,7 @@ class CompletionRequest(BaseModel):
     n: int | None = Field(default=1, ge=1, le=MAX_CHOICES)
     stream: bool | None = False
     stream_options: StreamOptions | None = None
-    stop: StopText | Annotated[list[StopText], Field(max_length=MAX_STOP)] | None = None
+    stop: Stop | None = None
     seed: int | None = Field(default=None, ge=-(2**63), le=2**64 - 1)
     echo: bool | None = False
     logprobs: int | None = Field(default=None, ge=0, le=5)
