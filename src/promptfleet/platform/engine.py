@@ -23,6 +23,8 @@ from pathlib import Path
 import torch
 
 from promptfleet.platform.adapter import AdapterPrefix, AdapterWeights, BackboneScale, backbone_scale, build_prefix
+from promptfleet.platform.beam_group import BeamGroup
+from promptfleet.platform.beam_search import BeamParams
 from promptfleet.platform.config import EngineConfig, ModelConfig, resolve_dtype
 from promptfleet.platform.kv_cache import SlotKVCache, resolve_attention
 from promptfleet.platform.llama import Llama
@@ -58,6 +60,14 @@ class RequestFailedError(RuntimeError):
     def __init__(self, message: str, code: str) -> None:
         super().__init__(message)
         self.code = code
+
+
+def _refuse(seq: Sequence, message: str, code: str) -> None:
+    """Fail a request that never ran, or is stopped: a beam search answers through its group."""
+    if seq.beam is not None:
+        seq.beam.fail(message, code=code)
+    else:
+        seq.fail(message, code=code)
 
 
 def _put_all(items: list[tuple[asyncio.Queue, CompletionDelta]]) -> None:
@@ -199,16 +209,7 @@ class Engine:
                        adapter: str | AdapterPrefix | None = None) -> AsyncIterator[CompletionDelta]:
         """Stream the deltas of one request. Closing the iterator cancels the request."""
         params = params or SamplingParams()
-        prefix = self._resolve_adapter(adapter)
-        ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
-        if not ids:
-            # an empty prompt starts from BOS (GPT-2's is its EOS, <|endoftext|>)
-            bos = self.model_config.bos_token_id
-            ids = [self.model_config.eos_token_id if bos is None else bos]
-        if any((not isinstance(t, int)) or t < 0 or t >= self.model_config.vocab_size for t in ids):
-            raise ValueError(f"token ids must be integers in [0, {self.model_config.vocab_size})")
-        if prefix is not None:
-            self._check_prefix(prefix)
+        prefix, ids = self._request(prompt, adapter)
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[CompletionDelta] = asyncio.Queue()
         seq = Sequence(prompt_ids=ids, params=params, adapter=prefix,
@@ -228,6 +229,46 @@ class Engine:
         finally:
             if seq.status is not SeqStatus.FINISHED:
                 self._post("abort", seq)
+
+    async def beam_search(self, prompt: str | list[int], params: SamplingParams, beam: BeamParams,
+                          adapter: str | AdapterPrefix | None = None) -> list[CompletionDelta]:
+        """The best ``beam.num_return`` beams of a beam search (best first), each a whole
+        completion; ``params`` gives max_tokens, stop, ignore_eos and repetition_penalty
+        (temperature, top_p, top_k and seed do not apply). Cancelling the call cancels
+        the search."""
+        prefix, ids = self._request(prompt, adapter)
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[list[CompletionDelta]] = asyncio.Queue()
+        group = BeamGroup.create(prompt_ids=ids, params=params, beam=beam, adapter=prefix,
+                                 emit=lambda results: self._outbox.append((loop, queue, results)),
+                                 detokenize=self._detokenize, eos_token_ids=self.model_config.eos_token_ids,
+                                 repetition=self.config.repetition, max_model_len=self.max_model_len)
+        head = group.head
+        self.scheduler.check_fits(head)
+        self._submit(head)
+        try:
+            results = await queue.get()
+        finally:
+            if head.status is not SeqStatus.FINISHED:
+                self._post("abort", head)
+        if results and results[0].error:
+            raise RequestFailedError(results[0].error, results[0].error_code or INTERNAL_ERROR[0])
+        return results
+
+    def _request(self, prompt: str | list[int], adapter: str | AdapterPrefix | None) -> tuple[AdapterPrefix | None,
+                                                                                               list[int]]:
+        """The request's adapter prefix (checked) and prompt ids (checked; BOS for an empty prompt)."""
+        prefix = self._resolve_adapter(adapter)
+        ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        if not ids:
+            # an empty prompt starts from BOS (GPT-2's is its EOS, <|endoftext|>)
+            bos = self.model_config.bos_token_id
+            ids = [self.model_config.eos_token_id if bos is None else bos]
+        if any((not isinstance(t, int)) or t < 0 or t >= self.model_config.vocab_size for t in ids):
+            raise ValueError(f"token ids must be integers in [0, {self.model_config.vocab_size})")
+        if prefix is not None:
+            self._check_prefix(prefix)
+        return prefix, ids
 
     async def complete(self, prompt: str | list[int], params: SamplingParams | None = None,
                        adapter: str | AdapterPrefix | None = None) -> CompletionDelta:
@@ -292,11 +333,12 @@ class Engine:
                     try:
                         self.scheduler.add(seq)
                     except (QueueFullError, RequestTooLargeError) as exc:
-                        seq.fail(str(exc), code="queue_full" if isinstance(exc, QueueFullError)
-                                 else "context_length_exceeded")
+                        _refuse(seq, str(exc), "queue_full" if isinstance(exc, QueueFullError)
+                                else "context_length_exceeded")
                 elif kind == "abort" and seq.status is not SeqStatus.FINISHED:
-                    seq.status = SeqStatus.FINISHED
-                    self.scheduler.release(seq)
+                    for member in [seq] if seq.beam is None else seq.beam.members:  # a beam search: all beams
+                        member.status = SeqStatus.FINISHED
+                        self.scheduler.release(member)
             try:
                 self.step()
             except Exception:  # a failure step() could not pin to rows: keep the process serving
@@ -306,7 +348,7 @@ class Engine:
                 self._release_finished()
             self._deliver()
         for seq in list(self.scheduler.running) + list(self.scheduler.waiting):
-            seq.fail("the engine stopped before this request finished; retry", code="engine_stopped")
+            _refuse(seq, "the engine stopped before this request finished; retry", "engine_stopped")
             self.scheduler.release(seq)
         self._deliver()
 
@@ -363,6 +405,8 @@ class Engine:
         newest = [s for s in running if any(s is n for n in self._newest)]
         rest = [s for s in running if not any(s is n for n in newest)]
         suspects = newest if newest and rest and self._try_alone(rest) else running
+        # a beam search is one suspect (planning any of its beams plans them all)
+        suspects = [s for s in suspects if s.beam is None or s is s.beam.head]
         for seq in suspects:
             if not self._try_alone([seq]):
                 self._fail(seq, INTERNAL_ERROR)
@@ -383,9 +427,13 @@ class Engine:
         if seq.status is SeqStatus.FINISHED:
             return
         log.warning("sequence %d failed: %s", seq.id, error[0])
-        if 0 <= seq.slot < len(self.scheduler.running) and self.scheduler.running[seq.slot] is seq:
-            self.cache.forget(seq.slot)
-        seq.fail(error[1], code=error[0])
+        for member in [seq] if seq.beam is None else seq.beam.members:  # a beam search fails whole
+            if 0 <= member.slot < len(self.scheduler.running) and self.scheduler.running[member.slot] is member:
+                self.cache.forget(member.slot)
+        if seq.beam is not None:
+            seq.beam.fail(error[1], code=error[0])
+        else:
+            seq.fail(error[1], code=error[0])
 
     def _release_finished(self) -> None:
         for seq in [s for s in self.scheduler.running if s.status is SeqStatus.FINISHED]:
@@ -394,14 +442,24 @@ class Engine:
     def _forward_and_sample(self, groups: list[Group]) -> None:
         batch = build_step_input(groups, self.cache, n_positions=self.model_config.n_positions, device=self.device)
         hidden = self.runner.forward(batch)
-        seqs = [s for g in groups if g.sample for s in g.seqs]
-        tokens = self._sample_rows(hidden[0, batch.last], seqs) if seqs else []
+        rows = [s for g in groups if g.sample for s in g.seqs]
+        last = hidden[0, batch.last]
+        plain = [i for i, s in enumerate(rows) if s.beam is None]
+        seqs = [rows[i] for i in plain]
+        tokens = self._sample_rows(last if len(plain) == len(rows) else last[plain], seqs) if seqs else []
+        searches: dict[int, tuple[BeamGroup, list[int]]] = {}  # beam searches' rows, by search
+        for i, s in enumerate(rows):
+            if s.beam is not None:
+                searches.setdefault(id(s.beam), (s.beam, []))[1].append(i)
+        logits = {key: self._beam_logits(last[idx]) for key, (_, idx) in searches.items()}
         # nothing above changed a sequence's state, so a step that raised can run again
         for g in groups:
             for seq, toks in zip(g.seqs, g.new_tokens):
                 seq.cached += len(toks)
                 if g.is_prompt:
                     self._prompt_tokens += len(toks)
+        for key, (search, idx) in searches.items():
+            self._advance_search(search, logits[key], len(idx))
         for seq, token in zip(seqs, tokens):
             if token is None:
                 self._fail(seq, NUMERICAL_ERROR)
@@ -413,6 +471,26 @@ class Engine:
             except Exception:
                 log.exception("sequence %d failed on token %d", seq.id, token)
                 self._fail(seq, INTERNAL_ERROR)
+
+    def _beam_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """A beam search's logits for this step's rows, or None when any is not finite."""
+        if not bool(torch.isfinite(hidden).all()):
+            return None
+        logits = self.model.logits(hidden).float().cpu()
+        return logits if bool(torch.isfinite(logits).all()) else None
+
+    def _advance_search(self, search: BeamGroup, logits: torch.Tensor | None, rows: int) -> None:
+        if search.finished:
+            return
+        if logits is None:
+            self._fail(search.head, NUMERICAL_ERROR)
+            return
+        self._generated += rows
+        try:
+            search.advance(logits, self.cache)
+        except Exception:
+            log.exception("beam search of sequence %d failed", search.head.id)
+            self._fail(search.head, INTERNAL_ERROR)
 
     def _sample_rows(self, last_hidden: torch.Tensor, seqs: list[Sequence]) -> list[int | None]:
         """One token per sampling row, or None for a row that is not finite (its hidden

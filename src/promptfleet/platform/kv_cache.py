@@ -148,12 +148,22 @@ class SlotKVCache:
             self.k[layer][slot, :n].copy_(pk.transpose(0, 1))
             self.v[layer][slot, :n].copy_(pv.transpose(0, 1))
 
-    def move(self, src: int, dst: int, length: int) -> None:
-        """Copy the first ``length`` cached tokens of slot ``src`` into slot ``dst``."""
-        self.initialized[dst] = max(self.initialized[dst], length)
+    def move(self, src: int, dst: int, length: int, start: int = 0) -> None:
+        """Copy cached positions ``start .. length-1`` of slot ``src`` into slot ``dst`` (a
+        beam's slot holds its own tokens from ``start``: the prompt's are its head's)."""
+        if length <= start:
+            return
         for layer in range(self.cfg.n_layer):
             for t in (self.k[layer], self.v[layer]):
-                t[dst, :length].copy_(t[src, :length])
+                t[dst, start:length].copy_(t[src, start:length])
+        self.mark_written(dst, start, length)
+
+    def mark_written(self, slot: int, start: int, end: int) -> None:
+        """Positions ``start .. end-1`` of ``slot`` now hold finite data: ``initialized``
+        grows only when that range joins the finite positions below it (a gap stays
+        unknown, and is zeroed before anyone reads it)."""
+        if self.initialized[slot] >= start:
+            self.initialized[slot] = max(self.initialized[slot], end)
 
 
 class SlotBatch:
@@ -238,7 +248,7 @@ class StepBatch:
     tokens and the prompts admitted this step: the linears (most of a step's cost, bound
     by reading the weights) see one matrix of all N tokens; attention runs per group."""
 
-    def __init__(self, groups: list[SlotBatch]) -> None:
+    def __init__(self, groups: list) -> None:  # SlotBatch, or beam_attention.BeamBatch (same B, T, attend)
         self.groups = groups
         self.sizes = [g.B * g.T for g in groups]
 

@@ -38,6 +38,10 @@ class Scheduler:
 
     # -- queue
     def check_fits(self, seq: Sequence) -> None:
+        rows = 1 if seq.beam is None else len(seq.beam.members)
+        if rows > self.max_batch_size:
+            raise RequestTooLargeError(f"beam search with {rows} beams needs {rows} batch rows; this server runs "
+                                       f"at most {self.max_batch_size} sequences at once")
         total = seq.n_prefix + len(seq.prompt_ids)
         if total >= self.max_model_len:
             raise RequestTooLargeError(
@@ -60,19 +64,22 @@ class Scheduler:
         admitted: list[Sequence] = []
         while self.waiting and len(self.running) < self.max_batch_size:
             seq = self.waiting[0]
-            need = seq.reserved_tokens(self.max_model_len)
-            if self.reserved_tokens + need > self.budget_tokens:
+            # a beam-search request comes in whole: its head (which holds the prompt) and its other beams
+            members = [seq] if seq.beam is None else seq.beam.members
+            need = sum(m.reserved_tokens(self.max_model_len) for m in members)
+            if len(self.running) + len(members) > self.max_batch_size or self.reserved_tokens + need > self.budget_tokens:
                 break
             self.waiting.popleft()
-            seq.slot = len(self.running)
-            seq.status = SeqStatus.RUNNING
-            self.running.append(seq)
+            for m in members:
+                m.slot = len(self.running)
+                m.status = SeqStatus.RUNNING
+                self.running.append(m)
+                self._reserved[m.id] = m.reserved_tokens(self.max_model_len)
             self.reserved_tokens += need
-            self._reserved[seq.id] = need
-            if seq.adapter is not None:
+            if seq.adapter is not None:  # only the head's slot: the other beams read it there
                 self.cache.copy_prefix(seq.slot, seq.adapter)
             seq.cached = seq.n_prefix
-            admitted.append(seq)
+            admitted.extend(members)
         return admitted
 
     # -- release
@@ -86,7 +93,7 @@ class Scheduler:
         hole = seq.slot
         last = self.running.pop()
         if last is not seq:
-            self.cache.move(last.slot, hole, last.cached)
+            self.cache.move(last.slot, hole, last.cached, start=last.kv_start)
             last.slot = hole
             self.running[hole] = last
         seq.slot = -1

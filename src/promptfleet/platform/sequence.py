@@ -5,6 +5,7 @@ import enum
 import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -12,6 +13,9 @@ from promptfleet.platform.adapter import AdapterPrefix
 from promptfleet.platform.config import RepetitionConfig
 from promptfleet.platform.detokenizer import IncrementalDetokenizer
 from promptfleet.platform.sampling import SamplerRow, SamplingParams
+
+if TYPE_CHECKING:
+    from promptfleet.platform.beam_group import BeamGroup
 
 _ids = itertools.count(1)
 
@@ -75,6 +79,8 @@ class Sequence:
     finish_reason: str | None = None
     slot: int = -1
     cached: int = 0  # tokens whose K/V are in this sequence's slot
+    beam: "BeamGroup | None" = None  # the beam-search request this sequence is a beam of
+    kv_start: int = 0  # first position its own slot holds (a beam reads the prompt from its head's)
     generator: torch.Generator | None = None
     _text: str = ""
     _sent_chars: int = 0

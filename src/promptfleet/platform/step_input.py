@@ -11,11 +11,16 @@ practice); ``StepBatch`` runs attention per group.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
+from promptfleet.platform.beam_attention import BeamBatch
 from promptfleet.platform.kv_cache import StepBatch, SlotBatch, SlotKVCache
 from promptfleet.platform.sequence import Sequence
+
+if TYPE_CHECKING:
+    from promptfleet.platform.beam_group import BeamGroup
 
 
 @dataclass
@@ -24,6 +29,7 @@ class Group:
     new_tokens: list[list[int]]
     is_prompt: bool      # prompt tokens (a prefill chunk) rather than decode tokens
     sample: bool = True  # a token is drawn from each row's last position (not for a prompt's inner chunk)
+    beam: "BeamGroup | None" = None  # the decode rows of one beam-search request (seqs: its running beams)
 
     @property
     def tokens(self) -> int:
@@ -37,16 +43,31 @@ def prompt_done(seq: Sequence) -> bool:
 MIN_PROMPT_TOKENS = 16  # prompt tokens a step takes however many rows decode
 
 
+def _searching(seq: Sequence) -> bool:
+    """A beam of a beam search past its prompt, or waiting for its head's prompt."""
+    return seq.beam is not None and (seq.beam.started or seq is not seq.beam.head)
+
+
 def plan_step(running: list[Sequence], *, max_step_tokens: int,
               min_prompt_tokens: int = MIN_PROMPT_TOKENS) -> list[Group]:
-    """Groups for one step over ``running`` (in slot order): every decoding sequence, and
-    prompt chunks within ``max_step_tokens`` minus the decode rows (at least
-    ``min_prompt_tokens``, so prompts always progress)."""
-    decoding = sum(1 for s in running if prompt_done(s))
+    """Groups for one step over ``running`` (in slot order): every decoding sequence (a
+    beam search's running beams as one group of their own), and prompt chunks within
+    ``max_step_tokens`` minus the decode rows (at least ``min_prompt_tokens``, so prompts
+    always progress). A beam search's head prefills its prompt like any request."""
+    decoding = sum(1 for s in running if (s.beam.started if _searching(s) else prompt_done(s)))
     budget = max(max_step_tokens - decoding, min_prompt_tokens)
     groups: list[Group] = []
+    searches: set[int] = set()
     for seq in running:
-        prev = groups[-1] if groups and groups[-1].seqs[-1].slot == seq.slot - 1 else None
+        if _searching(seq):
+            search = seq.beam
+            if search.started and id(search) not in searches:
+                searches.add(id(search))
+                groups.append(Group(list(search.running), [[b.output_ids[-1]] for b in search.running],
+                                    is_prompt=False, beam=search))
+            continue
+        prev = (groups[-1] if groups and groups[-1].beam is None and groups[-1].seqs[-1].slot == seq.slot - 1
+                else None)
         if prompt_done(seq):
             if prev is not None and not prev.is_prompt:
                 prev.seqs.append(seq)
@@ -83,7 +104,7 @@ def build_step_input(groups: list[Group], cache: SlotKVCache, *, n_positions: in
     offset = 0
     for g in groups:
         slot0 = g.seqs[0].slot
-        if any(s.slot != slot0 + i for i, s in enumerate(g.seqs)):
+        if g.beam is None and any(s.slot != slot0 + i for i, s in enumerate(g.seqs)):
             raise AssertionError("a group must occupy consecutive KV slots")
         q_lens = [len(t) for t in g.new_tokens]
         width = max(q_lens)
@@ -94,7 +115,13 @@ def build_step_input(groups: list[Group], cache: SlotKVCache, *, n_positions: in
         pos = (torch.tensor(start)[:, None] + torch.arange(width)[None]).clamp_(max=n_positions - 1)
         ids.append(block.reshape(-1))
         positions.append(pos.reshape(-1))
-        contexts.append(SlotBatch(cache, slot0, start, q_lens, width))
+        if g.beam is not None:
+            if width != 1 or min(start) != max(start):
+                raise AssertionError("a beam search's beams advance together, one token each")
+            contexts.append(BeamBatch(cache, head=g.beam.head.slot, slots=[s.slot for s in g.seqs],
+                                      shared=g.beam.shared, start=start[0]))
+        else:
+            contexts.append(SlotBatch(cache, slot0, start, q_lens, width))
         if g.sample:
             last.extend(offset + b * width + q - 1 for b, q in enumerate(q_lens))
         offset += len(g.seqs) * width

@@ -66,6 +66,27 @@ def greedy_ids(model, prompt_ids: list[int], max_new_tokens: int, eos_token_id: 
     return out
 
 
+def reference_beams(model, prompt_ids: list[int], *, num_beams: int, num_return: int, max_new_tokens: int,
+                    eos_token_ids: list[int], length_penalty: float = 1.0, early_stopping: bool | str = False,
+                    repetition_penalty: float = 1.0) -> list[tuple[list[int], bool]]:
+    """transformers' own beam search (``generate(num_beams=k)``, greedy, no cache: for a
+    PeftModel that is its prompt-learning forward on the whole sequence at every step,
+    the path that is right for prompt and prefix tuning on GPT-2, and for prompt tuning
+    on Llama): the ``num_return`` best beams, each as ``(ids without the EOS, ended on EOS)``."""
+    ids = torch.tensor([prompt_ids])
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                             num_beams=num_beams, num_return_sequences=num_return, do_sample=False,
+                             length_penalty=length_penalty, early_stopping=early_stopping,
+                             repetition_penalty=repetition_penalty, eos_token_id=eos_token_ids,
+                             pad_token_id=eos_token_ids[0], use_cache=False)
+    beams = []
+    for row in out[:, len(prompt_ids):].tolist():
+        end = next((i for i, t in enumerate(row) if t in eos_token_ids), None)
+        beams.append((row, False) if end is None else (row[:end], True))
+    return beams
+
+
 def load_reference_model(checkpoint: Path, adapter_dir: Path | None):
     """transformers' model on ``checkpoint``, wrapped by PEFT with ``adapter_dir`` if given."""
     from peft import PeftModel
