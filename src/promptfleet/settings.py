@@ -56,6 +56,8 @@ class Settings(BaseSettings):
     # --- API limits
     max_prompt_tokens: int = 768
     max_tokens_limit: int = 512
+    max_beam_width: int = Field(default=8, ge=2, le=16, description="Most beams one beam-search request may ask for "
+                                "(each beam holds a batch row and a KV slot while it runs).")
     tenant_max_concurrent: int = 64
     tenant_rate_per_s: float = 50.0
     tenant_rate_burst: int = 100

@@ -31,8 +31,19 @@ def test_without_do_sample_transformers_decodes_greedily(tmp_path):
     assert parse_generation_config(b'{"temperature": 0.7}').as_dict() == {"temperature": 0.0}
 
 
+def test_beam_search_configs_become_beam_defaults(tmp_path):
+    """transformers' beam search settings (num_beams > 1 without do_sample) are served as
+    beam-search defaults, its scoring with them; sampling fields do not apply to beams."""
+    data = _saved(tmp_path, num_beams=4, length_penalty=0.5, early_stopping="never", max_new_tokens=7)
+    assert parse_generation_config(data).as_dict() == {"num_beams": 4, "length_penalty": 0.5,
+                                                       "early_stopping": "never", "max_tokens": 7}
+    assert parse_generation_config(b'{"num_beams": 2, "early_stopping": true}').as_dict() == \
+        {"num_beams": 2, "early_stopping": True}
+
+
 @pytest.mark.parametrize("fields, match", [
-    (dict(num_beams=3), "beam search is not served yet"),
+    (dict(num_beams=3, do_sample=True), "beam sampling"),
+    (dict(num_beams=3, length_penalty=50.0), "length_penalty"),
     (dict(do_sample=True, temperature=5.0), "temperature"),
     (dict(max_new_tokens=5, repetition_penalty=1000.0), "repetition_penalty"),
 ])
@@ -54,7 +65,8 @@ def test_malformed_files_are_refused(data, match):
 
 def test_patch_bodies_are_strict():
     assert validate_defaults({"temperature": 0, "stop": "\n"}).as_dict() == {"temperature": 0.0, "stop": "\n"}
-    for bad, match in (({"temperature": "0.5"}, "temperature"), ({"num_beams": 2}, "num_beams"),
+    for bad, match in (({"temperature": "0.5"}, "temperature"), ({"num_beams": 0}, "num_beams"),
+                       ({"num_beams": 17}, "num_beams"), ({"early_stopping": "always"}, "early_stopping"),
                        ({"stop": ["a"] * 5}, "stop"), ({"max_tokens": 0}, "max_tokens")):
         with pytest.raises(InvalidGenerationDefaults, match=match):
             validate_defaults(bad)
@@ -67,5 +79,10 @@ def test_defaults_have_the_completions_api_bounds():
     from promptfleet.api.schemas import CompletionRequest
 
     for name, field in GenerationDefaults.model_fields.items():
+        if name == "num_beams":  # the request's best_of (with use_beam_search): a narrower range
+            best_of = {type(m).__name__: m for m in CompletionRequest.model_fields["best_of"].metadata}
+            ours = {type(m).__name__: m for m in field.metadata}
+            assert ours["Ge"].ge >= best_of["Ge"].ge and ours["Le"].le <= best_of["Le"].le
+            continue
         theirs = CompletionRequest.model_fields[name]
         assert field.metadata == theirs.metadata and field.annotation == theirs.annotation, name

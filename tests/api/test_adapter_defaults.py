@@ -5,6 +5,7 @@ server's), checked against the engine's own answer with the same settings and th
 official openai client, on SQLite and PostgreSQL."""
 from __future__ import annotations
 
+import asyncio
 import io
 import zipfile
 
@@ -13,6 +14,8 @@ from openai import OpenAI
 from transformers import GenerationConfig
 
 from promptfleet.api import create_app
+from promptfleet.platform.adapter import load_adapter_dir
+from promptfleet.platform.beam_search import BeamParams
 from promptfleet.platform.sampling import SamplingParams
 from promptfleet.testing import api_error
 from promptfleet.testing.api_app import ADMIN_KEY, api_settings, engine_reference
@@ -61,7 +64,7 @@ def test_bad_defaults_and_other_tenants_are_refused_and_change_nothing(make_api,
     _, h = api.new_tenant("owner")
     _, other = api.new_tenant("other")
     assert api.upload(h, "clf", peft_zips["pt"]).status_code == 201
-    for body in ({"generation_defaults": {"temperature": 5}}, {"generation_defaults": {"num_beams": 2}},
+    for body in ({"generation_defaults": {"temperature": 5}}, {"generation_defaults": {"num_beams": 17}},
                  {"generation_defaults": {"temperature": "0"}}, {"defaults": {}}):
         r = api.client.patch("/v1/adapters/clf", json=body, headers=h)
         assert r.status_code in (400, 422), r.text
@@ -100,14 +103,25 @@ def test_uploaded_generation_config_is_served_to_the_openai_client(api_engine, s
         r = upload("tuned", _with_generation_config(peft_zips["pt"], config))
         assert r.status_code == 201, r.text
         assert r.json()["generation_defaults"] == {"temperature": 0.0, "max_tokens": 6, "repetition_penalty": 1.3}
-        refused = api_error(upload("beams", _with_generation_config(peft_zips["pt"], beams)), 400, "adapter_rejected")
-        assert "beam search is not served yet" in refused["message"]
-        assert http.get("/v1/adapters/beams", headers=h).status_code == 404
+        r = upload("beams", _with_generation_config(peft_zips["pt"], beams))
+        assert r.status_code == 201, r.text
+        assert r.json()["generation_defaults"] == {"num_beams": 4}
+        sampling = GenerationConfig(num_beams=4, do_sample=True)
+        sampling.save_pretrained(tmp_path / "beam-sampling")
+        refused = api_error(upload("sampled", _with_generation_config(
+            peft_zips["pt"], (tmp_path / "beam-sampling" / "generation_config.json").read_bytes())), 400,
+            "adapter_rejected")
+        assert "beam sampling" in refused["message"]
+        assert http.get("/v1/adapters/sampled", headers=h).status_code == 404
         client = OpenAI(base_url=f"{server.base_url}/v1", api_key=key, max_retries=0, timeout=60)
         out = client.completions.create(model="tuned", prompt=PROMPT)  # the openai client sends no defaults
+        searched = client.completions.create(model="beams", prompt=PROMPT, max_tokens=5)
     want = engine_reference(api_engine, PROMPT, SamplingParams(max_tokens=6, temperature=0, repetition_penalty=1.3),
                             peft_dirs["pt"])
     assert out.choices[0].text == want and out.usage.completion_tokens == 6
+    [best] = asyncio.run(api_engine.beam_search(PROMPT, SamplingParams(max_tokens=5), BeamParams(4),
+                                                api_engine.build_adapter(load_adapter_dir(peft_dirs["pt"]), "ref")))
+    assert searched.choices[0].text == best.text  # the engine's beams (tested against PEFT's in the engine tests)
 
 
 def _learnable(n: int, seed: int) -> bytes:

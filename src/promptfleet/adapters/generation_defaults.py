@@ -2,14 +2,16 @@
 from the adapter version it names (then the server's). A tenant sets them with
 ``PATCH /v1/adapters/{name}``, or uploads them beside the adapter as transformers'
 ``generation_config.json`` (what ``GenerationConfig.save_pretrained`` writes), read with
-transformers' meaning: greedy unless ``do_sample`` is true, ``max_new_tokens`` is
-``max_tokens``, ``stop_strings`` is ``stop``.
+transformers' meaning: greedy unless ``do_sample`` is true, beam search when ``num_beams``
+is above 1 (with its ``length_penalty`` and ``early_stopping``), ``max_new_tokens`` is
+``max_tokens``, ``stop_strings`` is ``stop``. Beam sampling (``do_sample`` with beams) is
+not served, and is refused saying so.
 
-Bounds are the completions API's, so a default can never be what a request could not ask.
-Beam search is not served yet: ``num_beams`` above 1 is refused, saying so."""
+Bounds are the completions API's, so a default can never be what a request could not ask
+(``num_beams`` is clamped to the server's ``max_beam_width`` when applied)."""
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError
 
@@ -18,6 +20,9 @@ from promptfleet.strict_json import strict_loads
 GENERATION_CONFIG_NAME = "generation_config.json"
 MAX_GENERATION_CONFIG_BYTES = 64 << 10
 MAX_STOP = 4  # stop strings per request (the completions API's bound too: api/schemas imports these)
+MAX_NUM_BEAMS = 16
+LengthPenalty = Annotated[float, Field(ge=-10.0, le=10.0)]
+EarlyStopping = bool | Literal["never"]
 StopText = Annotated[StrictStr, Field(min_length=1, max_length=256)]
 Stop = StopText | Annotated[list[StopText], Field(max_length=MAX_STOP)]  # one string, or a list of them
 
@@ -33,6 +38,9 @@ class GenerationDefaults(BaseModel):
     repetition_penalty: float | None = Field(default=None, ge=0.01, le=100.0)
     max_tokens: int | None = Field(default=None, ge=1, le=1_000_000)
     stop: Stop | None = None
+    num_beams: int | None = Field(default=None, ge=1, le=MAX_NUM_BEAMS)
+    length_penalty: LengthPenalty | None = None
+    early_stopping: EarlyStopping | None = None
 
     def as_dict(self) -> dict[str, Any]:
         """The fields that are set (what is stored and applied)."""
@@ -66,11 +74,17 @@ def from_generation_config(raw: Any) -> GenerationDefaults:
     beams = raw.get("num_beams", 1)
     if not isinstance(beams, int) or isinstance(beams, bool) or beams < 1:
         raise InvalidGenerationDefaults(f"{GENERATION_CONFIG_NAME}: num_beams must be a positive integer")
-    if beams > 1:
-        raise InvalidGenerationDefaults(f"{GENERATION_CONFIG_NAME}: num_beams={beams}, but beam search is not "
-                                        "served yet; save it with num_beams=1")
+    if beams > 1 and raw.get("do_sample"):
+        raise InvalidGenerationDefaults(f"{GENERATION_CONFIG_NAME}: num_beams={beams} with do_sample is beam "
+                                        "sampling, which is not served; save do_sample=false (beam search) or "
+                                        "num_beams=1 (sampling)")
     fields: dict[str, Any] = {}
-    if raw.get("do_sample"):
+    if beams > 1:  # beam search: deterministic, with its own scoring
+        fields["num_beams"] = beams
+        for key in ("length_penalty", "early_stopping"):
+            if raw.get(key) is not None:
+                fields[key] = raw[key]
+    elif raw.get("do_sample"):
         for key in ("temperature", "top_p", "top_k"):
             if raw.get(key) is not None:
                 fields[key] = raw[key]

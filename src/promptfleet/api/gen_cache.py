@@ -1,9 +1,10 @@
 """An LRU of finished deterministic generations.
 
 A request is deterministic when it is greedy (temperature 0 or top_k 1) or carries a
-seed. The key holds everything that decides the output: the tenant, the adapter
-version (row id and weights sha256; ``base`` for the backbone), the prompt's token ids
-and the full ``SamplingParams`` -- so entries are never shared across tenants or
+seed, and always for beam search. The key holds everything that decides the output: the
+tenant, the adapter version (row id and weights sha256; ``base`` for the backbone), the
+prompt's token ids, the full ``SamplingParams`` and, for beam search, the beam settings
+and the choice's rank -- so entries are never shared across tenants or
 adapter versions. Only completions that finished normally are stored.
 """
 from __future__ import annotations
@@ -21,6 +22,7 @@ class CacheKey:
     model_scope: str
     prompt_ids: tuple[int, ...]
     params: SamplingParams
+    variant: tuple = ()  # beam search: (BeamParams, rank)
 
 
 @dataclass(frozen=True)
@@ -45,11 +47,12 @@ class GenerationCache:
         self.misses = 0
 
     def key(self, *, tenant_id: str, model_scope: str, prompt_ids: list[int],
-            params: SamplingParams) -> CacheKey | None:
-        """The cache key of a request, or None when it must not be cached."""
-        if not self.enabled or not is_deterministic(params):
+            params: SamplingParams, variant: tuple = ()) -> CacheKey | None:
+        """The cache key of a request, or None when it must not be cached (``variant``
+        non-empty: a beam-search choice, deterministic whatever ``params`` say)."""
+        if not self.enabled or not (variant or is_deterministic(params)):
             return None
-        return CacheKey(tenant_id, model_scope, tuple(prompt_ids), params)
+        return CacheKey(tenant_id, model_scope, tuple(prompt_ids), params, variant)
 
     def get(self, key: CacheKey | None) -> CachedCompletion | None:
         if key is None:

@@ -5,6 +5,10 @@ delta, so refusals (queue full, too large) surface before an HTTP status is sent
 ``deltas()`` then yields ``(choice index, delta)`` as the engine produces them, and
 ``aclose()`` cancels whatever is still running (the engine aborts those sequences and
 frees their KV slots at once). Streams and plain responses share this one path.
+
+With ``beam`` set, each prompt's ``n`` choices come from one beam search (choice
+``i * n + j`` is the j-th best beam of prompt i), answered whole when the search ends
+(never streamed); the generation cache keys each choice by the beam settings and rank.
 """
 from __future__ import annotations
 
@@ -20,6 +24,7 @@ from fastapi import Request
 from promptfleet.api.errors import APIError, bad_request, overloaded
 from promptfleet.api.gen_cache import CachedCompletion, CacheKey, GenerationCache
 from promptfleet.api.serving import Choice, ResolvedModel
+from promptfleet.platform.beam_search import BeamParams
 from promptfleet.platform.engine import Engine, QueueFullError, RequestFailedError, RequestTooLargeError
 from promptfleet.platform.sequence import CompletionDelta
 
@@ -58,8 +63,9 @@ def engine_error(exc: BaseException) -> APIError:
 
 class Generation:
     def __init__(self, *, engine: Engine, cache: GenerationCache, tenant_id: str, model: ResolvedModel,
-                 choices: list[Choice], prompt_tokens: int) -> None:
+                 choices: list[Choice], prompt_tokens: int, beam: BeamParams | None = None) -> None:
         self.engine = engine
+        self.beam = beam
         self.cache = cache
         self.model = model
         self.choices = choices
@@ -72,10 +78,13 @@ class Generation:
         self.completion_tokens: dict[int, int] = {c.index: 0 for c in choices}
         self.prompt_tokens = prompt_tokens  # each prompt once, however many samples (n) it has
         self._keys: dict[int, CacheKey | None] = {
-            c.index: cache.key(tenant_id=tenant_id, model_scope=model.scope, prompt_ids=c.prompt_ids, params=c.params)
+            c.index: cache.key(tenant_id=tenant_id, model_scope=model.scope, prompt_ids=c.prompt_ids, params=c.params,
+                               variant=() if beam is None else (beam, c.index % beam.num_return))
             for c in choices}
         self._ready: list[tuple[int, CompletionDelta]] = []
         self._gens: dict[int, AsyncIterator[CompletionDelta]] = {}
+        self._fresh: set[int] = set()  # choices generated now (not answered from the cache)
+        self._searches: list[asyncio.Future] = []
         self._pumps: list[asyncio.Task] = []
         self._queue: asyncio.Queue = asyncio.Queue()
         self._closed = False
@@ -83,6 +92,9 @@ class Generation:
     # ---------------------------------------------------------------- start
     async def start(self) -> None:
         """Answer cached choices, submit the others and wait for their first deltas."""
+        if self.beam is not None:
+            await self._search()
+            return
         for c in self.choices:
             hit = self.cache.get(self._keys[c.index])
             if hit is not None:
@@ -99,10 +111,39 @@ class Generation:
         if errors:
             await self.aclose()
             raise engine_error(errors[0])
+        self._fresh.update(self._gens)
         for index, first in zip(self._gens, firsts):
             self._ready.append((index, first))
             if first.finish_reason is None:
                 self._pumps.append(asyncio.create_task(self._pump(index, self._gens[index])))
+
+    async def _search(self) -> None:
+        """One beam search per prompt whose choices are not all cached."""
+        beam = self.beam
+        assert beam is not None
+        by_prompt = [self.choices[i:i + beam.num_return] for i in range(0, len(self.choices), beam.num_return)]
+        hits = [[self.cache.get(self._keys[c.index]) for c in group] for group in by_prompt]
+        todo = [(group, hit) for group, hit in zip(by_prompt, hits) if any(h is None for h in hit)]
+        for group, hit in zip(by_prompt, hits):
+            if all(h is not None for h in hit):
+                self.cache_hits += len(group)
+                self._ready.extend((c.index, CompletionDelta(h.text, [], h.finish_reason, h.prompt_tokens,
+                                                             h.completion_tokens)) for c, h in zip(group, hit))
+        self.cache_misses += sum(self._keys[c.index] is not None for group, _ in todo for c in group)
+        self._searches = [asyncio.ensure_future(self.engine.beam_search(group[0].prompt_ids, group[0].params, beam,
+                                                                        self.model.prefix)) for group, _ in todo]
+        results = await asyncio.gather(*self._searches, return_exceptions=True)
+        if self._searches:
+            self.first_token_at = time.perf_counter()
+        errors = [r for r in results if isinstance(r, BaseException)]
+        if errors:
+            await self.aclose()
+            raise engine_error(errors[0])
+        for (group, _), beams in zip(todo, results):
+            if len(beams) != len(group):
+                raise engine_error(RuntimeError(f"beam search returned {len(beams)} beams for {len(group)} choices"))
+            self._fresh.update(c.index for c in group)
+            self._ready.extend((c.index, delta) for c, delta in zip(group, beams))
 
     async def _pump(self, index: int, gen: AsyncIterator[CompletionDelta]) -> None:
         try:
@@ -119,7 +160,7 @@ class Generation:
         self.completion_tokens[index] = delta.completion_tokens
         if delta.finish_reason is not None:
             self.finish[index] = delta.finish_reason
-            if index in self._gens:  # generated now, not answered from the cache
+            if index in self._fresh:  # generated now, not answered from the cache
                 self.cache.put(self._keys[index], CachedCompletion("".join(self.texts[index]), delta.finish_reason,
                                                                    delta.prompt_tokens, delta.completion_tokens))
 
@@ -151,15 +192,15 @@ class Generation:
         if self._closed:
             return
         self._closed = True
-        for task in self._pumps:
+        for task in self._pumps + self._searches:
             task.cancel()
         for gen in self._gens.values():
             # A generator still being iterated (by a pump, or by a cancelled first-delta
             # task) refuses aclose(); its cancellation closes it instead.
             with suppress(RuntimeError):
                 await gen.aclose()
-        if self._pumps:
-            await asyncio.wait(self._pumps)
+        if self._pumps or self._searches:
+            await asyncio.wait(self._pumps + self._searches)
 
     # ---------------------------------------------------------------- results
     @property

@@ -1,5 +1,7 @@
 """Request and response bodies. Completions mirror OpenAI's legacy completions API
-(``/v1/completions``) with two extensions, ``top_k`` and ``repetition_penalty``."""
+(``/v1/completions``) with extensions: ``top_k``, ``repetition_penalty``, ``ignore_eos``,
+and beam search as vLLM exposed it (``use_beam_search``, ``length_penalty``,
+``early_stopping``)."""
 from __future__ import annotations
 
 from datetime import datetime
@@ -7,7 +9,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
-from promptfleet.adapters.generation_defaults import GenerationDefaults, Stop
+from promptfleet.adapters.generation_defaults import EarlyStopping, GenerationDefaults, LengthPenalty, Stop
 
 MAX_PROMPTS = 64            # prompts in one request (each is its own choice)
 MAX_CHOICES = 64            # prompts x n
@@ -75,6 +77,17 @@ class CompletionRequest(BaseModel):
     repetition_penalty: float | None = Field(default=1.0, ge=0.01, le=100.0,
                                              description="1: off (HF semantics); in [0.01, 100].")
     ignore_eos: bool | None = Field(default=False, description="Keep generating past the end-of-text token.")
+    use_beam_search: bool | None = Field(
+        default=False, description="Beam search with `best_of` beams (or `n` when best_of is unset); the `n` best "
+                                   "finished beams are returned, best first. Deterministic (temperature, top_p and "
+                                   "top_k must be left unset or neutral) and not streamable.")
+    length_penalty: LengthPenalty | None = Field(
+        default=1.0, description="Beam search: a beam scores sum(logprobs) / length ** length_penalty "
+                                 "(transformers' definition; > 0 favours longer completions).")
+    early_stopping: EarlyStopping | None = Field(
+        default=False, description="Beam search: true stops once best_of beams have finished; false (transformers' "
+                                   "default) stops when no running beam can beat them at its current length; "
+                                   "\"never\" only when none could at max_tokens.")
 
 
 class CompletionChoice(BaseModel):
@@ -131,7 +144,10 @@ class AdapterOut(BaseModel):
     created_at: datetime
     generation_defaults: dict[str, Any] | None = Field(
         default=None, description="Sampling fields a request that names this version inherits when it leaves "
-                                  "them unset (temperature, top_p, top_k, repetition_penalty, max_tokens, stop).")
+                                  "them unset (temperature, top_p, top_k, repetition_penalty, max_tokens, stop, "
+                                  "length_penalty, early_stopping); num_beams > 1 serves the requests that leave "
+                                  "temperature, top_p, top_k, best_of and use_beam_search unset and do not stream "
+                                  "with beam search of that width.")
 
 
 class AdapterPatch(BaseModel):

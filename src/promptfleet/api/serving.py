@@ -16,8 +16,9 @@ from promptfleet.adapters.storage import BlobNotFoundError, BlobStorage, Corrupt
 from promptfleet.api.errors import APIError, bad_request
 from promptfleet.api.schemas import MAX_CHOICES, CompletionRequest
 from promptfleet.platform.adapter import AdapterError, AdapterPrefix
+from promptfleet.platform.beam_search import BeamParams
 from promptfleet.platform.engine import Engine
-from promptfleet.platform.sampling import SamplingParams
+from promptfleet.platform.sampling import SAMPLING_EPS, SamplingParams
 from promptfleet.settings import Settings
 
 
@@ -71,11 +72,59 @@ _UNSUPPORTED = (("echo", "echo"), ("logprobs", "logprobs"), ("suffix", "suffix")
 def check_supported(req: CompletionRequest) -> None:
     """Refuse the OpenAI parameters this server does not implement (when set to a non-default)."""
     unsupported = [label for field, label in _UNSUPPORTED if getattr(req, field)]
-    if req.best_of is not None and req.best_of != (req.n or 1):
-        unsupported.append("best_of (other than equal to n)")
+    n = req.n or 1
+    if req.best_of is not None and req.best_of < n:
+        raise bad_request(f"best_of ({req.best_of}) must be at least n ({n}): it is how many candidates the best n "
+                          "are chosen from", code="invalid_best_of", param="best_of")
+    if req.best_of is not None and req.best_of > n and not req.use_beam_search:
+        unsupported.append("best_of greater than n without use_beam_search (sampled candidates); set "
+                           "use_beam_search=true for beam search with best_of beams")
     if unsupported:
         raise bad_request(f"not supported: {', '.join(unsupported)}", code="unsupported_parameter",
                           param=unsupported[0].split(" ")[0])
+
+
+def beam_search_params(req: CompletionRequest, *, settings: Settings,
+                       defaults: dict[str, Any] | None = None) -> BeamParams | None:
+    """The request's beam search, or None to sample. Explicit (``use_beam_search``: width
+    ``best_of`` or ``n``), or the adapter's ``num_beams`` default for a request that leaves
+    every decoding choice to the adapter (no temperature, top_p, top_k, best_of or
+    use_beam_search of its own) and does not stream. ``req`` is the request as sent."""
+    defaults = defaults or {}
+    n = req.n or 1
+    sent = {f for f in req.model_fields_set if getattr(req, f) is not None}
+    if req.use_beam_search:
+        width = req.best_of if req.best_of is not None else n
+        if req.stream:
+            raise bad_request("beam search cannot be streamed: the best beams are known only when the search ends "
+                              "(their ranking can change until the last step); send stream=false",
+                              code="beam_search_not_streamable", param="stream")
+        neutral = {"temperature": req.temperature is None or req.temperature < SAMPLING_EPS,
+                   "top_p": req.top_p is None or req.top_p == 1.0, "top_k": req.top_k in (None, 0, -1)}
+        bad = [f for f, ok in neutral.items() if f in sent and not ok]
+        if bad:
+            raise bad_request(f"beam search is deterministic: {', '.join(bad)} does not apply; leave it unset "
+                              "(or temperature 0, top_p 1, top_k 0)", code="invalid_beam_search", param=bad[0])
+        if width < 2:
+            raise bad_request("beam search needs at least 2 beams: set best_of to the beam width (n beams are "
+                              "returned)", code="invalid_beam_search", param="best_of")
+        if width > settings.max_beam_width:
+            raise bad_request(f"best_of={width} beams is more than this server's max_beam_width="
+                              f"{settings.max_beam_width}", code="invalid_beam_search", param="best_of")
+    else:
+        width = min(int(defaults.get("num_beams") or 1), settings.max_beam_width)
+        chosen = sent & {"temperature", "top_p", "top_k", "best_of", "use_beam_search"}
+        if width < 2 or req.stream or chosen:
+            return None
+        width = max(width, n) if n <= settings.max_beam_width else 0
+        if width < 2:
+            return None
+    length_penalty = req.length_penalty if "length_penalty" in sent else defaults.get("length_penalty", 1.0)
+    early = req.early_stopping if "early_stopping" in sent else defaults.get("early_stopping", False)
+    try:
+        return BeamParams(width, n, length_penalty=float(length_penalty), early_stopping=early)
+    except ValueError as exc:
+        raise bad_request(str(exc), code="invalid_beam_search") from None
 
 
 def prompt_token_ids(req: CompletionRequest, *, engine: Engine, settings: Settings) -> list[list[int]]:

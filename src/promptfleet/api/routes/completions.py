@@ -2,8 +2,10 @@
 
 Order of checks: API key (401), request rate (429), body (400), unsupported parameters
 and limits (400), concurrency (429), model (404), prompt (400), engine queue (503).
-Deterministic choices (greedy or seeded) are answered from the generation cache when
-possible -- streamed ones too, as one chunk. ``finish_reason`` is ``stop``, ``length``
+Deterministic choices (greedy, seeded, or beam search) are answered from the generation
+cache when possible -- streamed ones too, as one chunk. Beam search (``use_beam_search``,
+or an adapter's ``num_beams`` default) answers each prompt's n best beams when its search
+ends. ``finish_reason`` is ``stop``, ``length``
 or ``repetition`` (the engine cut a degenerate loop); the OpenAI client accepts it.
 """
 from __future__ import annotations
@@ -23,8 +25,8 @@ from promptfleet.api.generation import ClientDisconnected, Generation, until_dis
 from promptfleet.api.limits import ConcurrencySlot, LimitExceeded
 from promptfleet.api.responses import error_responses
 from promptfleet.api.schemas import CompletionRequest, CompletionResponse
-from promptfleet.api.serving import (ResolvedModel, check_context, check_supported, plan_choices, prompt_token_ids,
-                                     resolve_model, sampling_params, with_defaults)
+from promptfleet.api.serving import (ResolvedModel, beam_search_params, check_context, check_supported, plan_choices,
+                                     prompt_token_ids, resolve_model, sampling_params, with_defaults)
 from promptfleet.api.sse import SSEResponse, sse_data
 from promptfleet.api.state import AppState
 from promptfleet.tenants.models import Tenant
@@ -116,6 +118,7 @@ async def _events(gen: Generation, head: dict[str, Any], include_usage: bool, re
 async def create_completion(body: CompletionRequest, request: Request, tenant: LimitedTenantDep,
                             state: StateDep) -> Response:
     check_supported(body)
+    beam = beam_search_params(body, settings=state.settings)
     params = sampling_params(body, settings=state.settings)
     try:
         slot = state.limiter.acquire(tenant.id, tenant_limits(tenant, state.settings))
@@ -129,9 +132,10 @@ async def create_completion(body: CompletionRequest, request: Request, tenant: L
         rec.model_label = model.label
         if model.defaults:  # the adapter's decoding defaults fill the fields the request left unset
             params = sampling_params(with_defaults(body, model.defaults), settings=state.settings)
+            beam = beam_search_params(body, settings=state.settings, defaults=model.defaults)
         check_context(prompts, params, model=model, max_model_len=state.engine.max_model_len)
         gen = Generation(engine=state.engine, cache=state.gen_cache, tenant_id=tenant.id, model=model,
-                         choices=plan_choices(prompts, params), prompt_tokens=sum(map(len, prompts)))
+                         choices=plan_choices(prompts, params), prompt_tokens=sum(map(len, prompts)), beam=beam)
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                 "model": body.model}
         if body.stream:
