@@ -57,13 +57,13 @@ def _data(n: int, seed: int) -> bytes:
 
 def test_a_job_with_validation_tunes_its_decoding(tiny_checkpoint):
     cfg = TrainConfig(model_path=str(tiny_checkpoint), num_virtual_tokens=8, epochs=10, batch_size=4,
-                      learning_rate=0.1, seed=4, decoding_budget=40)
+                      learning_rate=0.1, seed=4, decoding_budget=60)
     tok = load_tokenizer(tiny_checkpoint)
     examples, validation = (parse_dataset(_data(n, seed), tokenizer=tok, max_example_tokens=64, max_examples=100)
                             for n, seed in ((16, 0), (12, 1)))
     result = train(cfg, examples, validation=validation, keep_model=True)
     decoding = result.metrics["decoding"]
-    assert decoding["examples"] == 10  # budget 40 / 4 settings
+    assert decoding["examples"] == 10  # budget 60 / 6 settings
     assert [t["name"] for t in decoding["tried"]] == [c.name for c in CANDIDATES]
     accuracies = [t["accuracy"] for t in decoding["tried"]]
     assert accuracies[0] >= 0.5, accuracies  # it learned: greedy completes most references

@@ -1,15 +1,18 @@
 """Decoding settings tuned on a job's validation data, after training: the trained adapter
 completes the validation prompts under each of a few settings (greedy, greedy with a
-repetition penalty, two sampled ones with fixed seeds), each is scored by exact match, and
-the best becomes the new adapter version's generation defaults (what a request that sets
-no sampling field is served with). Ties go to the earlier, simpler setting, greedy first.
+repetition penalty, beam search with 2 and 4 beams, two sampled ones with fixed seeds),
+each is scored by exact match, and the best becomes the new adapter version's generation
+defaults (what a request that sets no sampling field is served with). Ties go to the
+earlier, cheaper setting, greedy first. A beam setting is scored with the engine's own beam
+search (``beam_decode``) and stored as ``num_beams`` plus ``temperature`` 0, so a request
+that streams (beams cannot) is served greedily.
 
 The defaults also bound ``max_tokens`` by the validation references (twice the longest
 plus a margin: a one-word label needs a few tokens, not the server's 16) and, where no
 reference spans lines, stop at a newline (the cut exact match already makes).
 
-Cost: ``budget`` completions at most (validation examples x settings); the table of what
-was tried goes to the job's metrics. Beam search is not served yet, so it is not tried.
+Cost: ``budget`` completions at most (validation examples x settings; a k-beam
+completion runs k rows); the table of what was tried goes to the job's metrics.
 """
 from __future__ import annotations
 
@@ -21,8 +24,10 @@ from typing import Any
 
 import torch
 
+from promptfleet.platform.beam_search import BeamParams
+from promptfleet.trainer.beam_decode import beam_batch
 from promptfleet.trainer.datasets import Example
-from promptfleet.trainer.evaluate import EXTRA_TOKENS, Pick, complete_examples, exact_match
+from promptfleet.trainer.evaluate import EVAL_BATCH_SIZE, EXTRA_TOKENS, Pick, complete_examples, exact_match
 
 log = logging.getLogger(__name__)
 
@@ -35,10 +40,13 @@ class Candidate:
     temperature: float = 0.0
     top_p: float = 1.0
     repetition_penalty: float = 1.0
+    num_beams: int = 1
 
     def defaults(self) -> dict[str, float]:
         """The generation-default fields this setting differs from the server's in."""
         out: dict[str, float] = {"temperature": self.temperature}
+        if self.num_beams > 1:
+            out["num_beams"] = self.num_beams
         if self.top_p < 1.0:
             out["top_p"] = self.top_p
         if self.repetition_penalty != 1.0:
@@ -51,6 +59,8 @@ CLIENT_DEFAULT = Candidate("temperature 1.0 (a client's default)", temperature=1
 CANDIDATES = (
     Candidate("greedy"),
     Candidate("greedy, repetition_penalty 1.2", repetition_penalty=1.2),
+    Candidate("beam search, 2 beams", num_beams=2),
+    Candidate("beam search, 4 beams", num_beams=4),
     Candidate("temperature 0.7, top_p 0.9", temperature=0.7, top_p=0.9),
     CLIENT_DEFAULT,
 )
@@ -84,10 +94,31 @@ def sampler(candidate: Candidate, prompts: Sequence[Sequence[int]], *, seed: int
     return pick
 
 
+def beam_texts(model: Any, examples: Sequence[Example], num_beams: int, *, tokenizer: Any, eos_id: int, pad_id: int,
+               stop: Sequence[str]) -> list[str]:
+    """The best beam's text for each example (EOS cut, special tokens skipped, cut at a stop
+    string), decoded as long as the batch's longest reference plus ``EXTRA_TOKENS``."""
+    texts: list[str] = []
+    size = max(1, EVAL_BATCH_SIZE // num_beams)
+    for start in range(0, len(examples), size):
+        chunk = examples[start:start + size]
+        budget = max(len(e.completion_ids) for e in chunk) + EXTRA_TOKENS
+        for toks in beam_batch(model, [e.prompt_ids for e in chunk], beam=BeamParams(num_beams), max_new_tokens=budget,
+                               eos_id=eos_id, pad_id=pad_id, tokenizer=tokenizer, stop=stop):
+            text = tokenizer.decode(toks[:-1] if toks and toks[-1] == eos_id else toks, skip_special_tokens=True)
+            cuts = [i for i in (text.find(s) for s in stop) if i >= 0]
+            texts.append(text[:min(cuts)] if cuts else text)
+    return texts
+
+
 def _accuracy(model: Any, examples: Sequence[Example], candidate: Candidate, *, tokenizer: Any, eos_id: int,
-              pad_id: int, seed: int) -> float:
-    texts = complete_examples(model, examples, tokenizer=tokenizer, eos_id=eos_id, pad_id=pad_id,
-                              picker=lambda prompts, start: sampler(candidate, prompts, seed=seed + start))
+              pad_id: int, seed: int, stop: Sequence[str]) -> float:
+    if candidate.num_beams > 1:
+        texts = beam_texts(model, examples, candidate.num_beams, tokenizer=tokenizer, eos_id=eos_id, pad_id=pad_id,
+                           stop=stop)
+    else:
+        texts = complete_examples(model, examples, tokenizer=tokenizer, eos_id=eos_id, pad_id=pad_id,
+                                  picker=lambda prompts, start: sampler(candidate, prompts, seed=seed + start))
     return sum(exact_match(t, e.completion) for t, e in zip(texts, examples)) / len(examples)
 
 
@@ -100,21 +131,23 @@ def search_decoding(model: Any, validation: Sequence[Example], *, tokenizer: Any
         raise ValueError("the decoding search needs validation examples")
     n = max(1, min(len(validation), budget // len(candidates)))
     subset = list(validation)[:n]
+    # the stop the defaults will carry (beams end there when served, so they do here)
+    stop = [] if any("\n" in e.completion.strip() for e in validation) else ["\n"]
     was_training = model.training
     model.eval()
     t0 = time.perf_counter()
     try:
         tried = [{"name": c.name, "settings": {k: v for k, v in asdict(c).items() if k != "name"},
                   "accuracy": round(_accuracy(model, subset, c, tokenizer=tokenizer, eos_id=eos_id, pad_id=pad_id,
-                                              seed=seed), 6)}
+                                              seed=seed, stop=stop), 6)}
                  for c in candidates]
     finally:
         model.train(was_training)
     best_i = max(range(len(tried)), key=lambda i: (tried[i]["accuracy"], -i))  # ties: the earlier setting
     longest = max(len(e.completion_ids) for e in validation)
     best = {**candidates[best_i].defaults(), "max_tokens": 2 * longest + EXTRA_TOKENS}
-    if not any("\n" in e.completion.strip() for e in validation):
-        best["stop"] = ["\n"]
+    if stop:
+        best["stop"] = stop
     log.info("decoding search on %d validation examples: %s -> %s", n,
              ", ".join(f"{r['name']} {r['accuracy']:.3f}" for r in tried), best)
     return {"tried": tried, "best": best, "chosen": candidates[best_i].name, "examples": n,

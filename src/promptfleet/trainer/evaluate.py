@@ -96,11 +96,11 @@ def greedy_batch(model: Any, prompts: Sequence[Sequence[int]], *, max_new_tokens
     return decode_batch(model, prompts, max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=pad_id)
 
 
-@torch.no_grad()
-def decode_batch(model: Any, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, eos_id: int, pad_id: int,
-                 pick: Pick = argmax_pick) -> list[list[int]]:
-    """Completions of ``prompts`` under ``model``, each next token chosen by ``pick`` from the
-    last logits and what each row generated so far (greedy by default)."""
+def prefill(model: Any, prompts: Sequence[Sequence[int]], *, pad_id: int,
+            use_cache: bool = True) -> tuple[Any, torch.Tensor]:
+    """One forward of ``model`` over ``prompts`` laid out as PEFT lays them out (virtual
+    tokens or the prefix K/V first, prompts left-padded behind them, masked): the model's
+    output (last position's logits, and its cache with ``use_cache``) and the attention mask."""
     method, base, n = _method(model), _base(model), _n_virtual(model)
     device = next(base.parameters()).device
     rows, width = len(prompts), max(1, max(len(p) for p in prompts))
@@ -112,8 +112,7 @@ def decode_batch(model: Any, prompts: Sequence[Sequence[int]], *, max_new_tokens
             mask[r, width - len(p):] = 1
     full_mask = torch.cat([torch.ones((rows, n), dtype=torch.long, device=device), mask], dim=1)
     positions = (full_mask.cumsum(1) - 1).clamp(min=0)
-    cache_kw = _cache_kwarg(base)
-    kwargs: dict[str, Any] = {"use_cache": True, "logits_to_keep": 1}
+    kwargs: dict[str, Any] = {"use_cache": use_cache, "logits_to_keep": 1}
     if method == "prompt":
         embeds = base.get_input_embeddings()(ids)
         virtual = model.get_prompt(batch_size=rows).to(embeds.dtype)
@@ -121,13 +120,24 @@ def decode_batch(model: Any, prompts: Sequence[Sequence[int]], *, max_new_tokens
         step_positions = positions
     elif method == "prefix":
         kwargs["input_ids"] = ids
-        kwargs[cache_kw] = model.get_prompt(batch_size=rows)
+        kwargs[_cache_kwarg(base)] = model.get_prompt(batch_size=rows)
         step_positions = positions[:, n:]
     else:
         kwargs["input_ids"] = ids
         step_positions = positions
     # an empty prompt: the first token is predicted from the last virtual token (or from nothing)
-    out = base(attention_mask=full_mask, position_ids=step_positions, **kwargs)
+    return base(attention_mask=full_mask, position_ids=step_positions, **kwargs), full_mask
+
+
+@torch.no_grad()
+def decode_batch(model: Any, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, eos_id: int, pad_id: int,
+                 pick: Pick = argmax_pick) -> list[list[int]]:
+    """Completions of ``prompts`` under ``model``, each next token chosen by ``pick`` from the
+    last logits and what each row generated so far (greedy by default)."""
+    base = _base(model)
+    device = next(base.parameters()).device
+    rows, cache_kw = len(prompts), _cache_kwarg(base)
+    out, full_mask = prefill(model, prompts, pad_id=pad_id)
     cache, logits = _out_cache(out), out.logits[:, -1]
     next_pos = full_mask.sum(1, keepdim=True)  # n_virtual + own prompt length
     done = torch.zeros(rows, dtype=torch.bool, device=device)
