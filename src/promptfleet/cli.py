@@ -266,13 +266,13 @@ def kernels_build(cache_dir: Optional[Path] = typer.Option(
 # ---------------------------------------------------------------- bench and demo
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def bench(ctx: typer.Context, which: str = typer.Argument(
-        "engine", help="engine | registry | http | train | load | isolation | storage | quality | coldload")) -> None:
+        "engine", help="engine | registry | http | train | load | isolation | storage | quality | coldload | beams")) -> None:
     """Run a benchmark script; extra arguments go to it (see --help of each)."""
     import importlib
 
     modules = {"engine": "engine_bench", "registry": "registry_bench", "http": "http_bench", "train": "train_bench",
                "load": "load_bench", "isolation": "isolation_bench", "storage": "storage_bench",
-               "quality": "quality_bench", "coldload": "coldload_bench"}
+               "quality": "quality_bench", "coldload": "coldload_bench", "beams": "beam_bench"}
     if which not in modules:
         _fail(f"unknown benchmark {which!r}; choose from {', '.join(modules)}")
     importlib.import_module(f"promptfleet.bench.{modules[which]}").main(list(ctx.args))
