@@ -92,6 +92,25 @@ def test_misused_beam_search_is_400(api, extra, code, param, words):
     assert err["param"] == param and words in err["message"], err
 
 
+def test_beams_cannot_take_more_of_the_batch_than_a_sampled_request(api):
+    """prompts x beams is bounded like prompts x n (64), and a width the engine cannot run
+    at once (this engine: 16 rows) is refused before anything is queued."""
+    _, h = api.new_tenant("rows")
+    body = {"model": "gpt2", "max_tokens": 2, "use_beam_search": True, "best_of": 8}
+    err = api_error(api.client.post("/v1/completions", json={**body, "prompt": ["a"] * 9}, headers=h), 400,
+                    "too_many_choices")
+    assert "9 prompts x 8 beams" in err["message"]
+    assert api.client.post("/v1/completions", json={**body, "prompt": ["a"] * 8}, headers=h).status_code == 200
+    small = api.engine.scheduler.max_batch_size
+    api.state.settings.max_beam_width = 64  # past the engine's rows
+    try:
+        err = api_error(api.client.post("/v1/completions", json={**body, "prompt": "a", "best_of": small + 1},
+                                        headers=h), 400, "invalid_beam_search")
+    finally:
+        api.state.settings.max_beam_width = 8
+    assert f"runs at once ({small} sequences)" in err["message"]
+
+
 def test_best_of_above_n_without_beam_search_is_refused_saying_what_to_do(api):
     _, h = api.new_tenant("sampled")
     err = api_error(api.client.post("/v1/completions", json={"model": "gpt2", "prompt": PROMPT, "best_of": 3},

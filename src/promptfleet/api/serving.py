@@ -127,6 +127,21 @@ def beam_search_params(req: CompletionRequest, *, settings: Settings,
         raise bad_request(str(exc), code="invalid_beam_search") from None
 
 
+def check_beam_rows(prompts: list[list[int]], beam: BeamParams | None, *, engine: Engine) -> None:
+    """A beam search holds a batch row per beam: refuse a width the engine cannot run at
+    once, and more rows in one request (prompts x beams) than ``MAX_CHOICES``, the bound a
+    sampled request has (prompts x n), so beams do not let one request take more of the batch."""
+    if beam is None:
+        return
+    rows = engine.scheduler.max_batch_size
+    if beam.num_beams > rows:
+        raise bad_request(f"best_of={beam.num_beams} beams is more than this server runs at once ({rows} sequences)",
+                          code="invalid_beam_search", param="best_of")
+    if len(prompts) * beam.num_beams > MAX_CHOICES:
+        raise bad_request(f"{len(prompts)} prompts x {beam.num_beams} beams is more than {MAX_CHOICES} sequences in "
+                          "one request", code="too_many_choices", param="best_of")
+
+
 def prompt_token_ids(req: CompletionRequest, *, engine: Engine, settings: Settings) -> list[list[int]]:
     """Each prompt as token ids, checked against ``max_prompt_tokens`` and the vocabulary."""
     p = req.prompt

@@ -25,8 +25,8 @@ from promptfleet.api.generation import ClientDisconnected, Generation, until_dis
 from promptfleet.api.limits import ConcurrencySlot, LimitExceeded
 from promptfleet.api.responses import error_responses
 from promptfleet.api.schemas import CompletionRequest, CompletionResponse
-from promptfleet.api.serving import (ResolvedModel, beam_search_params, check_context, check_supported, plan_choices,
-                                     prompt_token_ids, resolve_model, sampling_params, with_defaults)
+from promptfleet.api.serving import (ResolvedModel, beam_search_params, check_beam_rows, check_context, check_supported,
+                                     plan_choices, prompt_token_ids, resolve_model, sampling_params, with_defaults)
 from promptfleet.api.sse import SSEResponse, sse_data
 from promptfleet.api.state import AppState
 from promptfleet.tenants.models import Tenant
@@ -134,6 +134,7 @@ async def create_completion(body: CompletionRequest, request: Request, tenant: L
             params = sampling_params(with_defaults(body, model.defaults), settings=state.settings)
             beam = beam_search_params(body, settings=state.settings, defaults=model.defaults)
         check_context(prompts, params, model=model, max_model_len=state.engine.max_model_len)
+        check_beam_rows(prompts, beam, engine=state.engine)
         gen = Generation(engine=state.engine, cache=state.gen_cache, tenant_id=tenant.id, model=model,
                          choices=plan_choices(prompts, params), prompt_tokens=sum(map(len, prompts)), beam=beam)
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
