@@ -1,4 +1,4 @@
-"""The slot KV cache's attention (SDPA, and the AVX-512 decode kernel) against plain
+"""The slot KV cache's attention (SDPA, FlexAttention's and the AVX-512 decode path) against plain
 float64 attention over each row's own keys: rows at different lengths, prefill chunks
 right-padded, decode steps, in fp32 and bf16 (bf16 attends in fp32 on CPU)."""
 from __future__ import annotations
@@ -34,6 +34,7 @@ def reference(history_k: list[torch.Tensor], history_v: list[torch.Tensor], q: t
 
 @pytest.mark.parametrize("backend, cfg, dtype, tol", [
     ("sdpa", CFG, torch.float32, 1e-5), ("sdpa", CFG, torch.bfloat16, 3e-2),
+    ("flex", CFG16, torch.float32, 1e-5),  # FlexAttention decode (compiled by inductor's C++ backend here)
     pytest.param("avx512", CFG16, torch.float32, 1e-5, marks=AVX512)])
 def test_slot_attention_matches_float64_reference(backend, cfg, dtype, tol):
     gen = torch.Generator().manual_seed(0)
@@ -101,23 +102,23 @@ def test_resolve_attention_refuses_what_cannot_run_here():
         resolve_attention("fast", cpu, torch.float32, 64)
 
 
-@pytest.mark.parametrize("backend, pad", [("sdpa", 1), ("flash", 512)])
+@pytest.mark.parametrize("backend, pad", [("sdpa", 1), ("flash", 0)])
 @pytest.mark.parametrize("budget_tokens, max_slots, want_slots", [(10_000, 64, 9), (100_000, 64, 64), (500, 8, 1)])
 def test_cache_allocates_within_its_budget(backend, pad, budget_tokens, max_slots, want_slots):
-    """Slots of max_len (+ pad) positions, as many as the budget holds (flash-attn's margin
-    for padded prompt tokens counted), and one shorter slot when it holds less than one."""
+    """Slots of max_len (+ pad) positions, as many as the budget holds (SDPA's scratch row
+    counted; flash-attn has none), and one shorter slot when it holds less than one."""
     cfg = ModelConfig(n_layer=2, n_head=4, n_embd=64, n_positions=1024)
     per_token = 2 * 2 * 64 * 4
     budget = budget_tokens * per_token
     cache = SlotKVCache.for_budget(cfg, budget_bytes=budget, max_slots=max_slots, max_len=1024,
-                                   device=torch.device("meta"), dtype=torch.float32, backend=backend,
-                                   prefill_pad=pad)
+                                   device=torch.device("meta"), dtype=torch.float32, backend=backend)
     assert cache.bytes_per_token == per_token
     assert cache.allocated_bytes <= budget
+    assert cache.k[0].shape[1] == cache.max_len + pad
     if budget_tokens >= 1024 + pad:
         assert (cache.max_slots, cache.max_len) == (min(max_slots, budget_tokens // (1024 + pad)), 1024)
     else:
-        assert cache.max_slots == 1 and budget_tokens // 2 <= cache.max_len < budget_tokens
+        assert cache.max_slots == 1 and budget_tokens // 2 <= cache.max_len <= budget_tokens - pad
     with pytest.raises(ValueError, match="holds no sequence"):
         SlotKVCache.for_budget(cfg, budget_bytes=per_token, max_slots=4, max_len=1024, device=torch.device("meta"),
                                dtype=torch.float32, backend="sdpa")

@@ -117,7 +117,11 @@ class _EngineCollector(Collector):
                     ("promptfleet_kv_cache_reserved_tokens", "KV-cache tokens reserved by admitted sequences.",
                      s.kv_reserved_tokens),
                     ("promptfleet_kv_cache_budget_tokens", "KV-cache admission budget in tokens.",
-                     s.kv_budget_tokens)):
+                     s.kv_budget_tokens),
+                    ("promptfleet_kv_cache_allocated_bytes", "Bytes the KV cache allocated on the engine's device.",
+                     s.kv_allocated_bytes),
+                    ("promptfleet_kv_cache_budget_bytes", "The KV cache's byte budget (kv_cache_bytes).",
+                     s.kv_budget_bytes)):
                 yield GaugeMetricFamily(name, doc, value=value)
             usage = s.kv_reserved_tokens / s.kv_budget_tokens if s.kv_budget_tokens else 0.0
             yield GaugeMetricFamily("promptfleet_kv_cache_usage_ratio", "Reserved / budget KV tokens.", value=usage)

@@ -26,10 +26,11 @@ from promptfleet.platform.adapter import AdapterPrefix, AdapterWeights, Backbone
 from promptfleet.platform.beam_group import BeamGroup
 from promptfleet.platform.beam_search import BeamParams
 from promptfleet.platform.config import EngineConfig, ModelConfig, resolve_dtype
-from promptfleet.platform.kv_cache import SlotKVCache, resolve_attention
+from promptfleet.platform.attention_backend import choose_attention
+from promptfleet.platform.kv_cache import SlotKVCache
 from promptfleet.platform.llama import Llama
 from promptfleet.platform.model import GPT2
-from promptfleet.platform.step_input import MIN_PROMPT_TOKENS, Group, build_step_input, plan_step
+from promptfleet.platform.step_input import Group, build_step_input, plan_step
 from promptfleet.platform.runner import ModelRunner
 from promptfleet.platform.sampling import SamplingParams, sample
 from promptfleet.platform.scheduler import QueueFullError, RequestTooLargeError, Scheduler
@@ -87,6 +88,8 @@ class EngineStats:
     decode_seconds: float = 0.0      # wall time inside decode-only steps
     decode_row_tokens: int = 0       # tokens produced by decode-only steps
     prefill_seconds: float = 0.0     # wall time inside steps that carried prompt tokens (decode rows too)
+    kv_allocated_bytes: int = 0      # what the KV cache allocated (on the engine's device)
+    kv_budget_bytes: int = 0         # kv_cache_bytes: what it may allocate
 
 
 class Engine:
@@ -99,15 +102,17 @@ class Engine:
         self.dtype = model.wte.weight.dtype
         c = self.config
         self.max_model_len = min(c.max_model_len or self.model_config.n_positions, self.model_config.n_positions)
-        backend = resolve_attention(c.attention, self.device, self.dtype, self.model_config.head_dim,
-                                    self.model_config.family)
-        self.attention_backend = backend
-        # the cache allocates what kv_cache_bytes holds (slots of max_model_len positions, and
-        # flash-attn's margin for padded prompt tokens: the widest chunk a step carries)
+        # an explicit backend that cannot run here is refused now, saying why (ValueError)
+        choice = choose_attention(c.attention, self.device, self.dtype, self.model_config.head_dim)
+        log.info("attention backend %s (%s)", choice.name, choice.reason)
+        backend = self.attention_backend = choice.name
+        self.attention_reason = choice.reason
+        # the cache allocates what kv_cache_bytes holds: slots of max_model_len positions
         self.cache = SlotKVCache.for_budget(
             self.model_config, budget_bytes=c.kv_cache_bytes, max_slots=c.max_batch_size, max_len=self.max_model_len,
-            device=self.device, dtype=self.dtype, backend=backend,
-            prefill_pad=min(self.max_model_len, max(c.max_step_tokens, MIN_PROMPT_TOKENS)))
+            device=self.device, dtype=self.dtype, backend=backend)
+        log.info("KV cache: %d slots of %d positions, %d of %d budget bytes allocated", self.cache.max_slots,
+                 self.cache.max_len, self.cache.allocated_bytes, c.kv_cache_bytes)
         if self.cache.max_slots < c.max_batch_size:
             log.warning("kv_cache_bytes %d holds %d sequences of %d tokens (max_batch_size %d): raise it, or lower "
                         "max_model_len, to run more at once", c.kv_cache_bytes, self.cache.max_slots,
@@ -199,7 +204,8 @@ class Engine:
                            kv_reserved_tokens=s.reserved_tokens, kv_budget_tokens=s.budget_tokens,
                            steps=self._steps, tokens_generated=self._generated, prompt_tokens=self._prompt_tokens,
                            decode_seconds=self._decode_s, decode_row_tokens=self._decode_tokens,
-                           prefill_seconds=self._prefill_s)
+                           prefill_seconds=self._prefill_s, kv_allocated_bytes=self.cache.allocated_bytes,
+                           kv_budget_bytes=self.config.kv_cache_bytes)
 
     # ------------------------------------------------------------------ public async API
     def encode(self, prompt: str) -> list[int]:

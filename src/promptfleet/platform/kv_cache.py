@@ -2,24 +2,27 @@
 0..B-1 of the running batch are slots 0..B-1), so a decode step reads the batch's keys
 as one strided view with no gather.
 
-Layout per layer, for both backends: ``[slots, max_len + pad, kv_heads, head_dim]`` (the
+Layout per layer, for every backend: ``[slots, max_len + pad, kv_heads, head_dim]`` (the
 key/value heads: fewer than the query heads under grouped-query attention), so one
 token's keys for all heads are one contiguous row: a decode step writes B rows of
 ``heads * head_dim`` (not B * heads scattered ones) and SDPA reads ``[B, H, T, D]`` as a
 strided view. ``pad`` is 1 for SDPA (position ``max_len`` is a scratch row that padded
-prefill tokens write into) and, for flash-attn, which appends padded prompt tokens past
-each row's end, the widest prompt chunk a step carries (``max_step_tokens``).
+prefill tokens write into) and 0 for flash-attn: its groups are rectangles (``plan_step``
+merges only equal-length prompt chunks, decode rows carry one token; ``SlotBatch``
+asserts it), so no token is ever appended past a row's end.
 
 Capacity follows the budget (``SlotKVCache.for_budget``): as many slots of ``max_len``
 positions as ``kv_cache_bytes`` holds, up to ``max_batch_size``, pad included, so what is
-allocated (physical memory on CUDA) never exceeds the budget; when the budget holds less
-than one full-length sequence, one shorter slot. The scheduler admits into free slots, and
+allocated (physical memory on CUDA) never exceeds the budget (``allocated_bytes``, which
+/metrics reports beside the budget); when the budget holds less than one full-length
+sequence, one shorter slot. The scheduler admits into free slots, and
 a request longer than a slot is refused. (A slot is sized for the longest sequence, so a
 short request holds a whole slot: a paged layout would pack more short requests into the
 same budget, at the price of a gather for every SDPA read.)
 
-Attention backends (``resolve_attention``): ``flash`` (flash-attn, CUDA fp16/bf16),
-``sdpa`` (torch SDPA), and ``avx512`` on CPU (fp32; bf16 where the CPU has AVX512-BF16):
+Attention backends (``attention_backend.choose_attention``): ``flash`` (flash-attn, CUDA
+fp16/bf16), ``sdpa`` (torch SDPA), ``flex`` (SDPA for prompt chunks, FlexAttention for
+decode groups: ``flex_decode``), and ``avx512`` on CPU (fp32; bf16 where the CPU has AVX512-BF16):
 SDPA for prompt chunks, and decode groups (one new token per row) through
 ``native_kernels``' decode attention, which reads each row's keys and values front to
 back once (faster than SDPA at decode: README, Benchmarks: "Figures behind the kernel choices"), grouped-query heads included.
@@ -32,44 +35,13 @@ import torch
 import torch.nn.functional as F
 
 from promptfleet.platform.adapter import AdapterPrefix
+from promptfleet.platform.attention_backend import ATTENTION, resolve_attention
 from promptfleet.platform.config import ModelConfig
-from promptfleet.platform.native_kernels import NativeKernels, kernel_support, native_kernels
+from promptfleet.platform.flex_decode import FLEX_BLOCK, FlexDecode
+from promptfleet.platform.native_kernels import NativeKernels, native_kernels
+from promptfleet.platform.staging import StepStaging
 
-ATTENTION = ("auto", "sdpa", "flash", "avx512")
-
-
-def _flash_attn_importable() -> bool:
-    try:
-        import flash_attn  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def flash_attn_available(device: torch.device) -> bool:
-    return device.type == "cuda" and _flash_attn_importable()
-
-
-def resolve_attention(name: str, device: torch.device, dtype: torch.dtype, head_dim: int,
-                      family: str = "gpt2") -> str:
-    """``auto`` -> ``flash`` on CUDA in fp16/bf16 with flash-attn installed, ``avx512`` on
-    CPU where the native kernels run for the dtype, else ``sdpa``. Asking for one that
-    cannot run here is an error that says why."""
-    if name not in ATTENTION:
-        raise ValueError(f"unknown attention backend {name!r}; use one of {', '.join(ATTENTION)}")
-    if name == "auto" and flash_attn_available(device) and dtype != torch.float32:
-        return "flash"
-    if name == "flash":
-        if not _flash_attn_importable():
-            raise ValueError("flash attention needs the flash-attn package (pip install 'promptfleet[gpu]', CUDA)")
-        return "flash"
-    if name in ("auto", "avx512"):
-        reason = f"head_dim {head_dim} is not a multiple of 16" if head_dim % 16 else kernel_support(device, dtype).reason
-        if reason is None:
-            return "avx512"
-        if name == "avx512":
-            raise ValueError(f"the avx512 attention kernel cannot run here: {reason}")
-    return "sdpa"
+__all__ = ["ATTENTION", "SlotBatch", "SlotKVCache", "StepBatch", "resolve_attention", "token_bytes"]
 
 
 def token_bytes(cfg: ModelConfig, dtype: torch.dtype) -> int:
@@ -79,12 +51,14 @@ def token_bytes(cfg: ModelConfig, dtype: torch.dtype) -> int:
 
 class SlotKVCache:
     def __init__(self, cfg: ModelConfig, *, max_slots: int, max_len: int, device: torch.device,
-                 dtype: torch.dtype, backend: str, prefill_pad: int = 0) -> None:
+                 dtype: torch.dtype, backend: str) -> None:
         self.cfg, self.max_slots, self.max_len, self.backend = cfg, max_slots, max_len, backend
-        # decode groups go through the native kernel; everything else as with sdpa
+        # decode groups go through the native kernel (avx512) or FlexAttention (flex);
+        # everything else as with sdpa
         self.decode_kernels: NativeKernels | None = native_kernels() if backend == "avx512" else None
+        self.flex: FlexDecode | None = FlexDecode() if backend == "flex" else None
         h, d = cfg.n_kv_head, cfg.head_dim
-        shape = (max_slots, max_len + self.pad_for(backend, prefill_pad), h, d)
+        shape = (max_slots, max_len + self.pad_for(backend), h, d)
         self.k = [torch.empty(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
         self.v = [torch.empty(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
         # Positions below initialized[slot] hold finite data. A batch reads keys up to its
@@ -93,25 +67,26 @@ class SlotKVCache:
         self.initialized = [0] * max_slots
 
     @staticmethod
-    def pad_for(backend: str, prefill_pad: int) -> int:
-        return prefill_pad if backend == "flash" else 1
+    def pad_for(backend: str) -> int:
+        """Positions past ``max_len`` per slot: SDPA's scratch row for right-padded prompt
+        tokens; none for flash-attn, whose groups are rectangles (``SlotBatch`` asserts it:
+        flash-attn appends every new token at ``cache_seqlens``, so a padded one would land
+        past the row's end)."""
+        return 0 if backend == "flash" else 1
 
     @classmethod
     def for_budget(cls, cfg: ModelConfig, *, budget_bytes: int, max_slots: int, max_len: int, device: torch.device,
-                   dtype: torch.dtype, backend: str, prefill_pad: int = 0) -> "SlotKVCache":
+                   dtype: torch.dtype, backend: str) -> "SlotKVCache":
         """As many slots of ``max_len`` positions (pad included) as ``budget_bytes`` holds, at
         most ``max_slots``; one slot of what the budget holds when that is less than one."""
-        per_token, pad = token_bytes(cfg, dtype), cls.pad_for(backend, prefill_pad)
+        per_token, pad = token_bytes(cfg, dtype), cls.pad_for(backend)
         slots = min(max_slots, budget_bytes // ((max_len + pad) * per_token))
-        if slots < 1:  # one slot of what the budget holds (flash's pad at most its length)
-            total = budget_bytes // per_token
-            slots, max_len = 1, total - pad if total >= 2 * pad else total // 2
-            prefill_pad = min(prefill_pad, max_len)
+        if slots < 1:  # one slot of what the budget holds
+            slots, max_len = 1, budget_bytes // per_token - pad
             if max_len < 2:
                 raise ValueError(f"kv_cache_bytes {budget_bytes} holds no sequence: one token's keys and values "
                                  f"take {per_token} bytes over all layers (+{pad} positions of pad per slot)")
-        return cls(cfg, max_slots=slots, max_len=max_len, device=device, dtype=dtype, backend=backend,
-                   prefill_pad=prefill_pad)
+        return cls(cfg, max_slots=slots, max_len=max_len, device=device, dtype=dtype, backend=backend)
 
     @property
     def allocated_bytes(self) -> int:
@@ -120,7 +95,8 @@ class SlotKVCache:
     def ensure_initialized(self, slot0: int, count: int, upto: int) -> None:
         if self.backend == "flash":
             return  # flash-attn reads only each row's own keys
-        upto = min(-(-upto // 64) * 64, self.max_len + 1)  # in chunks of 64 positions
+        chunk = FLEX_BLOCK if self.backend == "flex" else 64  # flex reads a row's last block whole
+        upto = min(-(-upto // chunk) * chunk, self.max_len + self.pad_for(self.backend))
         for slot in range(slot0, slot0 + count):
             lo = self.initialized[slot]
             if lo < upto:
@@ -168,10 +144,18 @@ class SlotKVCache:
 
 class SlotBatch:
     """Attention context for rows ``slot0 .. slot0+B-1``: row b already has ``start[b]``
-    cached tokens and brings ``q_lens[b]`` new ones (right-padded to ``T``)."""
+    cached tokens and brings ``q_lens[b]`` new ones (right-padded to ``T``).
 
-    def __init__(self, cache: SlotKVCache, slot0: int, start: list[int], q_lens: list[int], T: int) -> None:
+    Its index tensors are built on the host and registered with ``stage`` (the step's
+    ``StepStaging``, which moves every group's in one copy); without one they are moved
+    at once. The attention mask is computed on the device from them, on first use."""
+
+    def __init__(self, cache: SlotKVCache, slot0: int, start: list[int], q_lens: list[int], T: int,
+                 stage: StepStaging | None = None) -> None:
         self.cache, self.slot0, self.B, self.T = cache, slot0, len(start), T
+        if cache.backend == "flash" and any(q != T for q in q_lens):
+            raise AssertionError(f"a flash-attn group must be a rectangle (rows of {T} new tokens, got {q_lens}): "
+                                 "flash-attn would append a padded token past its row's end")
         # a decode group on the native kernel: row b stores its token at start[b] and
         # attends to its first start[b] + 1 keys (it reads nothing past them: no mask, no
         # zeroing, and none of the index tensors below)
@@ -179,25 +163,38 @@ class SlotBatch:
                             if cache.decode_kernels is not None and T == 1 else None)
         if self.native_lens is not None:
             return
-        dev = cache.k[0].device
-        self.start_t = torch.tensor(start, dtype=torch.long, device=dev)
-        self.rows = torch.arange(slot0, slot0 + self.B, device=dev)
-        if cache.backend == "flash":
-            return
-        steps = torch.arange(T, device=dev)
-        pos = self.start_t[:, None] + steps[None, :]
-        if any(q != T for q in q_lens):
-            valid = steps[None, :] < torch.tensor(q_lens, device=dev)[:, None]
-            pos = torch.where(valid, pos, torch.full_like(pos, cache.max_len))
-        # row (slot, pos) of a layer's cache viewed as [slots * positions, H * D]
-        self.flat_index = (self.rows[:, None] * cache.k[0].shape[1] + pos).reshape(-1)
+        own = stage is None
+        stage = stage or StepStaging(cache.k[0].device)
+        start_h = torch.tensor(start, dtype=torch.long)
+        rows_h = torch.arange(slot0, slot0 + self.B)
+        self._mask = self._lens = None
+        self.flex_decode = self._needs_mask = False
         self.tk = max(s + q for s, q in zip(start, q_lens))
-        cache.ensure_initialized(slot0, self.B, self.tk)
-        if T == 1 and min(start) == max(start):
-            self.mask = None  # every row sees all of its keys
+        if cache.backend == "flash":
+            self._start, self._rows = stage.add(start_h.to(torch.int32)), stage.add(rows_h.to(torch.int32))
         else:
-            keys = torch.arange(self.tk, device=dev)
-            self.mask = (keys[None, None, :] <= (self.start_t[:, None, None] + steps[None, :, None]))[:, None]
+            steps = torch.arange(T)
+            pos = start_h[:, None] + steps[None, :]
+            if any(q != T for q in q_lens):
+                pos = torch.where(steps[None, :] < torch.tensor(q_lens)[:, None], pos, torch.full_like(pos, cache.max_len))
+            # row (slot, pos) of a layer's cache viewed as [slots * positions, H * D]
+            self._flat = stage.add((rows_h[:, None] * cache.k[0].shape[1] + pos).reshape(-1))
+            self._start = stage.add(start_h)
+            cache.ensure_initialized(slot0, self.B, self.tk)
+            self.flex_decode = cache.flex is not None and T == 1
+            self._needs_mask = not (T == 1 and min(start) == max(start)) and not self.flex_decode
+        if own:
+            stage.flush()
+
+    @property
+    def mask(self) -> torch.Tensor | None:
+        """``[B, 1, T, tk]``: key j visible to new token i of row b (None: every row sees all its keys)."""
+        if self._mask is None and self._needs_mask:
+            start = self._start.get()
+            steps = torch.arange(self.T, device=start.device)
+            keys = torch.arange(self.tk, device=start.device)
+            self._mask = (keys[None, None, :] <= (start[:, None, None] + steps[None, :, None]))[:, None]
+        return self._mask
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         c = self.cache
@@ -213,8 +210,14 @@ class SlotBatch:
         # one index_copy_ of B*T token rows into the flat [slots*positions, H*D] view
         # (much cheaper than advanced-index assignment)
         n, width = k.shape[0] * k.shape[1], k.shape[2] * k.shape[3]
-        kc.view(-1, width).index_copy_(0, self.flat_index, k.reshape(n, width))
-        vc.view(-1, width).index_copy_(0, self.flat_index, v.reshape(n, width))
+        flat = self._flat.get()
+        kc.view(-1, width).index_copy_(0, flat, k.reshape(n, width))
+        vc.view(-1, width).index_copy_(0, flat, v.reshape(n, width))
+        if self.flex_decode:
+            if self._lens is None:
+                self._lens = (self._start.get() + 1).to(torch.int32)
+            heads, dim = q.shape[2], q.shape[3]
+            return c.flex.decode(q.reshape(self.B, heads, dim), kc, vc, self.slot0, self._lens).reshape(q.shape)
         s0, s1 = self.slot0, self.slot0 + self.B
         keys, values = kc[s0:s1, : self.tk].transpose(1, 2), vc[s0:s1, : self.tk].transpose(1, 2)
         q = q.transpose(1, 2)
@@ -230,16 +233,14 @@ class SlotBatch:
         return out.transpose(1, 2)
 
     def _flash(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        # flash-attn appends k/v at cache_seqlens (padded tokens land past each row's
-        # end, in the pad margin) and aligns the causal mask to the end of the keys.
+        # flash-attn appends k/v at cache_seqlens (the group is a rectangle: every row's
+        # new tokens are real) and aligns the causal mask to the end of the keys; the
+        # indices are int32 on the cache's device, staged once per step, not cast per layer
         from flash_attn import flash_attn_with_kvcache
 
         c = self.cache
-        return flash_attn_with_kvcache(
-            q, c.k[layer], c.v[layer], k=k, v=v,
-            cache_seqlens=self.start_t.to(torch.int32), cache_batch_idx=self.rows.to(torch.int32),
-            causal=True,
-        )
+        return flash_attn_with_kvcache(q, c.k[layer], c.v[layer], k=k, v=v, cache_seqlens=self._start.get(),
+                                       cache_batch_idx=self._rows.get(), causal=True)
 
 
 class StepBatch:

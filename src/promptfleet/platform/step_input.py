@@ -18,6 +18,7 @@ import torch
 from promptfleet.platform.beam_attention import BeamBatch
 from promptfleet.platform.kv_cache import StepBatch, SlotBatch, SlotKVCache
 from promptfleet.platform.sequence import Sequence
+from promptfleet.platform.staging import StepStaging
 
 if TYPE_CHECKING:
     from promptfleet.platform.beam_group import BeamGroup
@@ -99,7 +100,11 @@ class StepInput:
     last: torch.Tensor       # [sampled rows]: index in N of each sampling row's last new token
 
 
-def build_step_input(groups: list[Group], cache: SlotKVCache, *, n_positions: int, device: torch.device) -> StepInput:
+def build_step_input(groups: list[Group], cache: SlotKVCache, *, n_positions: int, device: torch.device,
+                     stage: StepStaging | None = None) -> StepInput:
+    """The step's tensors, built on the host and moved to ``device`` in one copy through
+    ``stage`` (the engine's, which may carry the sampler's tensors too and is flushed here)."""
+    stage = stage or StepStaging(device)
     ids, positions, contexts, last = [], [], [], []
     offset = 0
     for g in groups:
@@ -121,9 +126,12 @@ def build_step_input(groups: list[Group], cache: SlotKVCache, *, n_positions: in
             contexts.append(BeamBatch(cache, head=g.beam.head.slot, slots=[s.slot for s in g.seqs],
                                       shared=g.beam.shared, start=start[0]))
         else:
-            contexts.append(SlotBatch(cache, slot0, start, q_lens, width))
+            contexts.append(SlotBatch(cache, slot0, start, q_lens, width, stage))
         if g.sample:
             last.extend(offset + b * width + q - 1 for b, q in enumerate(q_lens))
         offset += len(g.seqs) * width
-    return StepInput(ids=torch.cat(ids)[None].to(device), positions=torch.cat(positions)[None].to(device),
-                       ctx=StepBatch(contexts), last=torch.tensor(last, dtype=torch.long, device=device))
+    staged = [stage.add(torch.cat(ids)[None]), stage.add(torch.cat(positions)[None]),
+              stage.add(torch.tensor(last, dtype=torch.long))]
+    stage.flush()
+    ids_d, positions_d, last_d = (t.get() for t in staged)
+    return StepInput(ids=ids_d, positions=positions_d, ctx=StepBatch(contexts), last=last_d)
