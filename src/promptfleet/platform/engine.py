@@ -32,7 +32,9 @@ from promptfleet.platform.llama import Llama
 from promptfleet.platform.model import GPT2
 from promptfleet.platform.step_input import Group, build_step_input, plan_step
 from promptfleet.platform.runner import ModelRunner
-from promptfleet.platform.sampling import SamplingParams, sample
+from promptfleet.platform.device_sampler import SamplerPlan
+from promptfleet.platform.sampling import SamplingParams
+from promptfleet.platform.staging import PinnedBuffers, StepStaging
 from promptfleet.platform.scheduler import QueueFullError, RequestTooLargeError, Scheduler
 from promptfleet.platform.sequence import CompletionDelta, Sequence, SeqStatus
 from promptfleet.platform.tokenizer import load_tokenizer
@@ -129,6 +131,7 @@ class Engine:
         self._wake = threading.Condition(self._lock)
         self._pending = 0
         self._rng = torch.Generator().manual_seed(0)
+        self._pinned = PinnedBuffers()  # the step's host-to-device copy reads from these (CUDA)
         self._steps = self._generated = self._prompt_tokens = self._decode_tokens = 0
         self._decode_s = self._prefill_s = 0.0
         self._thread: threading.Thread | None = None
@@ -446,18 +449,29 @@ class Engine:
             self.scheduler.release(seq)
 
     def _forward_and_sample(self, groups: list[Group]) -> None:
-        batch = build_step_input(groups, self.cache, n_positions=self.model_config.n_positions, device=self.device)
-        hidden = self.runner.forward(batch)
         rows = [s for g in groups if g.sample for s in g.seqs]
-        last = hidden[0, batch.last]
         plain = [i for i, s in enumerate(rows) if s.beam is None]
         seqs = [rows[i] for i in plain]
-        tokens = self._sample_rows(last if len(plain) == len(rows) else last[plain], seqs) if seqs else []
-        searches: dict[int, tuple[BeamGroup, list[int]]] = {}  # beam searches' rows, by search
-        for i, s in enumerate(rows):
-            if s.beam is not None:
-                searches.setdefault(id(s.beam), (s.beam, []))[1].append(i)
-        logits = {key: self._beam_logits(last[idx]) for key, (_, idx) in searches.items()}
+        # the sampler's small tensors (and each sampled row's uniform, drawn from its own
+        # generator) ride in the step's one host-to-device copy with the model's inputs
+        stage = StepStaging(self.device, self._pinned)
+        plan = SamplerPlan.build([s.sampler_row() for s in seqs], self._rng, device=self.device, stage=stage) \
+            if seqs else None
+        try:
+            batch = build_step_input(groups, self.cache, n_positions=self.model_config.n_positions,
+                                     device=self.device, stage=stage)
+            hidden = self.runner.forward(batch)
+            last = hidden[0, batch.last]
+            tokens = self._sample_rows(last if len(plain) == len(rows) else last[plain], plan) if seqs else []
+            searches: dict[int, tuple[BeamGroup, list[int]]] = {}  # beam searches' rows, by search
+            for i, s in enumerate(rows):
+                if s.beam is not None:
+                    searches.setdefault(id(s.beam), (s.beam, []))[1].append(i)
+            logits = {key: self._beam_logits(last[idx]) for key, (_, idx) in searches.items()}
+        except Exception:
+            if plan is not None:
+                plan.rewind()  # the step runs again: seeded rows draw the same numbers then
+            raise
         # nothing above changed a sequence's state, so a step that raised can run again
         for g in groups:
             for seq, toks in zip(g.seqs, g.new_tokens):
@@ -498,22 +512,16 @@ class Engine:
             log.exception("beam search of sequence %d failed", search.head.id)
             self._fail(search.head, INTERNAL_ERROR)
 
-    def _sample_rows(self, last_hidden: torch.Tensor, seqs: list[Sequence]) -> list[int | None]:
+    def _sample_rows(self, last_hidden: torch.Tensor, plan: SamplerPlan) -> list[int | None]:
         """One token per sampling row, or None for a row that is not finite (its hidden
-        state, or its own distribution) or draws an id outside the vocabulary: checked
-        here on ``[rows, d]`` (cheap) so no bad id ever reaches an embedding lookup."""
-        finite = torch.isfinite(last_hidden).all(-1).cpu()
-        good = finite.nonzero().flatten().tolist()
-        out: list[int | None] = [None] * len(seqs)
-        if not good:
-            return out
-        rows = last_hidden if len(good) == len(seqs) else last_hidden[good]
-        logits = self.model.logits(rows).cpu()
-        vocab = self.model_config.vocab_size
+        state, or its own distribution) or draws an id outside the vocabulary: sampled on
+        the logits' device (``device_sampler``); only the ``[rows]`` int32 ids come back,
+        so no bad id ever reaches an embedding lookup."""
+        valid = torch.isfinite(last_hidden).all(-1)
+        logits = self.model.logits(last_hidden)
         # the native argmax only where the engine runs on the native kernels: a config
         # off them (linears onednn/torch, attention sdpa) makes no native call at all
         native = "avx512" in (self.model.linear_kernels, self.attention_backend)
-        drawn = sample(logits, [seqs[i].sampler_row() for i in good], self._rng, native_argmax=native)
-        for i, token in zip(good, drawn):
-            out[i] = token if token is not None and 0 <= token < vocab else None
-        return out
+        picked = plan.pick(logits, valid=valid, native_argmax=native,
+                           vocab_size=self.model_config.vocab_size).cpu().tolist()
+        return [None if t < 0 else t for t in picked]

@@ -97,38 +97,58 @@ def filter_top_k_top_p(logits: torch.Tensor, top_k: int | list[int], top_p: floa
     applied in transformers' order (top-k, then top-p). Batched: one topk serves every row."""
     one_row = logits.dim() == 1
     x = logits[None] if one_row else logits
+    rows = x.shape[0]
+    ks = [top_k] * rows if isinstance(top_k, int) else list(top_k)
+    ps = [top_p] * rows if isinstance(top_p, (int, float)) else list(top_p)
+    out = filter_rows(x, torch.tensor(ks, dtype=torch.long, device=x.device),
+                      torch.tensor(ps, dtype=torch.float64, device=x.device), max_k=max(ks), any_p=min(ps) < 1.0)
+    return out[0] if one_row else out
+
+
+def filter_rows(x: torch.Tensor, ks: torch.Tensor, ps: torch.Tensor, *, max_k: int, any_p: bool,
+                exact_sort: bool | None = None) -> torch.Tensor:
+    """``filter_top_k_top_p`` on tensors already on ``x``'s device (``ks`` int64, ``ps``
+    float64, one per row; 0 / 1.0 = off), with what the host knows passed in (``max_k``,
+    ``any_p``) so nothing here waits for the device. The nucleus is found by a cascade of
+    topk candidates on CPU (data-dependent: it reads back how far each row got) and by one
+    full sort where the logits live on a GPU (``exact_sort``; no read-back, and a sort of
+    a few rows is cheap there). Both give the same mask."""
     rows, vocab = x.shape
-    ks = torch.tensor([top_k] * rows if isinstance(top_k, int) else list(top_k), dtype=torch.long)
-    ps = torch.tensor([top_p] * rows if isinstance(top_p, (int, float)) else list(top_p), dtype=torch.float64)
-    ks = torch.where((ks > 0) & (ks < vocab), ks, torch.zeros_like(ks))
-    if bool((ks > 0).any()):
-        kth = torch.topk(x, int(ks.max()), dim=-1).values.gather(1, (ks - 1).clamp(min=0)[:, None])
+    if 0 < max_k:
+        ks = torch.where((ks > 0) & (ks < vocab), ks, torch.zeros_like(ks))
+        kth = torch.topk(x, min(max_k, vocab), dim=-1).values.gather(1, (ks - 1).clamp(min=0)[:, None])
         x = x.masked_fill((ks > 0)[:, None] & (x < kth), float("-inf"))
-    nucleus = ps < 1.0
-    if bool(nucleus.any()):
-        sel = nucleus.nonzero().flatten()
-        outside = torch.zeros(x.shape, dtype=torch.bool)
-        outside[sel] = _outside_nucleus(x[sel].softmax(-1), ps[sel])
+    if any_p:
+        probs = x.softmax(-1)
+        if exact_sort if exact_sort is not None else x.device.type != "cpu":
+            vals, idx = probs.sort(dim=-1, descending=True)
+            outside = torch.ones(x.shape, dtype=torch.bool, device=x.device).scatter_(
+                1, idx, _drop(vals, ps) & (ps < 1.0)[:, None])
+        else:
+            nucleus = (ps < 1.0).nonzero().flatten()
+            outside = torch.zeros(x.shape, dtype=torch.bool, device=x.device)
+            outside[nucleus] = _outside_nucleus(probs[nucleus], ps[nucleus])
         x = x.masked_fill(outside, float("-inf"))
-    return x[0] if one_row else x
+    return x
 
 
 def _outside_nucleus(probs: torch.Tensor, ps: torch.Tensor) -> torch.Tensor:
     """True for each token not in the smallest most-likely prefix whose mass reaches p
     (a token is kept when the mass before it is <= p)."""
     rows, vocab = probs.shape
-    outside = torch.ones(probs.shape, dtype=torch.bool)
-    todo = torch.arange(rows)
+    outside = torch.ones(probs.shape, dtype=torch.bool, device=probs.device)
+    todo = torch.arange(rows, device=probs.device)
     for k in (*(c for c in NUCLEUS_CANDIDATES if c < vocab), vocab):
         if not len(todo):
             break
         vals, idx = probs[todo].topk(k, dim=-1) if k < vocab else probs[todo].sort(dim=-1, descending=True)
         # the nucleus lies among these k when their mass passes p (then every later
         # token has more than p before it); with k = vocab it always does
-        covered = vals.double().sum(-1) > ps[todo] if k < vocab else torch.ones(len(todo), dtype=torch.bool)
+        covered = (vals.double().sum(-1) > ps[todo] if k < vocab
+                   else torch.ones(len(todo), dtype=torch.bool, device=probs.device))
         done = covered.nonzero().flatten()
         if len(done):
-            outside[todo[done]] = torch.ones(len(done), vocab, dtype=torch.bool).scatter_(
+            outside[todo[done]] = torch.ones(len(done), vocab, dtype=torch.bool, device=probs.device).scatter_(
                 1, idx[done], _drop(vals[done], ps[todo[done]]))
         todo = todo[~covered]
     return outside
@@ -141,12 +161,26 @@ def _drop(sorted_probs: torch.Tensor, ps: torch.Tensor) -> torch.Tensor:
     return drop
 
 
+def uniforms(generators: list[torch.Generator]) -> torch.Tensor:
+    """One float64 uniform per row from its own generator (on the host: cheap, and the
+    same numbers whatever device the draw then runs on)."""
+    return torch.cat([torch.rand(1, generator=g, dtype=torch.float64) for g in generators]) if generators else \
+        torch.zeros(0, dtype=torch.float64)
+
+
 def draw(probs: torch.Tensor, generators: list[torch.Generator]) -> list[int]:
-    """One index per row of ``probs`` ``[R, V]`` by inverse-CDF sampling, row r's uniform
-    from ``generators[r]``: pick a block of ``DRAW_BLOCK`` tokens by its mass, then a token
-    inside it. Exact in distribution, and batched (a per-row ``torch.multinomial`` costs about
-    as much for one row as this for a whole batch: README, Benchmarks). A zero-probability token is never drawn
-    (its CDF step is empty)."""
+    """One index per row of ``probs`` ``[R, V]``, row r's uniform from ``generators[r]``
+    (``draw_with``)."""
+    return draw_with(probs, uniforms(generators).to(probs.device)).tolist()
+
+
+def draw_with(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """One index per row of ``probs`` ``[R, V]`` by inverse-CDF sampling at the float64
+    uniforms ``u`` ``[R]`` (on ``probs``' device): pick a block of ``DRAW_BLOCK`` tokens by
+    its mass, then a token inside it. Exact in distribution, batched (a per-row
+    ``torch.multinomial`` costs about as much for one row as this for a whole batch:
+    README, Benchmarks), and made of tensor operations alone, so it runs where the logits
+    are. A zero-probability token is never drawn (its CDF step is empty)."""
     rows, vocab = probs.shape
     full = vocab // DRAW_BLOCK
     mass = probs[:, : full * DRAW_BLOCK].unflatten(1, (full, DRAW_BLOCK)).sum(-1)
@@ -154,16 +188,15 @@ def draw(probs: torch.Tensor, generators: list[torch.Generator]) -> list[int]:
         mass = torch.cat([mass, probs[:, full * DRAW_BLOCK:].sum(-1, keepdim=True)], dim=1)
     mass = mass.double()
     cdf = mass.cumsum(-1)
-    u = torch.cat([torch.rand(1, generator=g, dtype=torch.float64) for g in generators])
     r = u * cdf[:, -1]
     b = torch.searchsorted(cdf, r[:, None], right=True).clamp_(max=mass.shape[1] - 1)  # first block past r
     before = torch.where(b > 0, cdf.gather(1, (b - 1).clamp(min=0)), torch.zeros_like(r[:, None]))
     # where r falls inside the chosen block, as a fraction of its mass (< 1 whatever the rounding)
     frac = ((r[:, None] - before) / mass.gather(1, b)).clamp_(0.0, 1.0 - 1e-12)
-    cols = b * DRAW_BLOCK + torch.arange(DRAW_BLOCK)  # [R, DRAW_BLOCK]
+    cols = b * DRAW_BLOCK + torch.arange(DRAW_BLOCK, device=probs.device)  # [R, DRAW_BLOCK]
     inner = torch.where(cols < vocab, probs.gather(1, cols.clamp(max=vocab - 1)), 0.0).double().cumsum(-1)
     j = torch.searchsorted(inner, frac * inner[:, -1:], right=True).clamp_(max=DRAW_BLOCK - 1)
-    return (b * DRAW_BLOCK + j).flatten().tolist()
+    return (b * DRAW_BLOCK + j).flatten()
 
 
 def greedy_tokens(logits: torch.Tensor, *, native_argmax: bool = False) -> list[int]:
@@ -177,36 +210,13 @@ def greedy_tokens(logits: torch.Tensor, *, native_argmax: bool = False) -> list[
 
 def sample(logits: torch.Tensor, rows: list[SamplerRow], default_generator: torch.Generator, *,
            native_argmax: bool = False) -> list[int | None]:
-    """One token for each row of ``logits`` ``[B, V]`` (float32, finite: the engine checks
-    the hidden states they come from); ``logits`` is not modified. A row whose own
-    transforms (repetition penalty, temperature, top-k/top-p) leave no finite distribution
-    gets ``None``, so the caller fails that request alone; every other row is unaffected."""
-    failed: set[int] = set()
-    if any(row.params.repetition_penalty != 1.0 for row in rows):
-        logits = logits.clone()  # penalised in place below
-        for i, row in enumerate(rows):
-            if row.params.repetition_penalty != 1.0:
-                logits[i] = apply_repetition_penalty(logits[i], row.history, row.params.repetition_penalty)
-                if not bool(torch.isfinite(logits[i]).all()):
-                    failed.add(i)
-                    logits[i] = 0.0  # keeps the batched kernels below on finite input
-    sampled = [i for i, row in enumerate(rows) if not row.params.greedy]
-    out: list[int | None] = (greedy_tokens(logits, native_argmax=native_argmax) if len(sampled) < len(rows)
-                             else [0] * len(rows))
-    if sampled:
-        params = [rows[i].params for i in sampled]
-        x = logits if len(sampled) == len(rows) else logits[sampled]
-        # temperature >= SAMPLING_EPS here (below it a row is greedy), so it cannot underflow
-        temps = torch.tensor([p.temperature for p in params], dtype=logits.dtype)
-        x = filter_top_k_top_p(x / temps[:, None], [p.top_k for p in params], [p.top_p for p in params])
-        probs = x.softmax(-1)
-        finite = torch.isfinite(probs).all(-1)
-        if not bool(finite.all()):
-            failed.update(sampled[j] for j in (~finite).nonzero().flatten().tolist())
-            probs = torch.where(finite[:, None], probs, torch.full_like(probs, 1.0 / probs.shape[1]))
-        gens = [rows[i].generator if rows[i].generator is not None else default_generator for i in sampled]
-        for i, tok in zip(sampled, draw(probs, gens)):
-            out[i] = tok
-    for i in failed:
-        out[i] = None
-    return out
+    """One token for each row of ``logits`` ``[B, V]`` (finite: the engine checks the hidden
+    states they come from), on ``logits``' device; ``logits`` is not modified. A row whose
+    own transforms (repetition penalty, temperature, top-k/top-p) leave no finite
+    distribution gets ``None``, so the caller fails that request alone; every other row is
+    unaffected. (``device_sampler.SamplerPlan``, which the engine builds before its forward.)"""
+    from promptfleet.platform.device_sampler import SamplerPlan
+
+    plan = SamplerPlan.build(rows, default_generator, device=logits.device)
+    picked = plan.pick(logits, native_argmax=native_argmax).tolist()
+    return [None if t < 0 else t for t in picked]
