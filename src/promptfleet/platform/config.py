@@ -235,7 +235,8 @@ class EngineConfig:
     max_queue: int = 512              # waiting requests before refusing
     max_model_len: int | None = None  # default: the backbone's n_positions
     max_step_tokens: int = 512        # tokens per forward: decode rows + prompt chunks (chunked prefill)
-    attention: str = "auto"           # auto | sdpa | flash | avx512 (see kv_cache.resolve_attention)
+    attention: str = "auto"           # auto | sdpa | flash | flex | avx512 (see attention_backend)
+    decode_graphs: str = "auto"       # auto (CUDA graphs on CUDA with flash/flex) | off | eager (see decode_graphs)
     linear_kernels: str = "auto"      # auto | avx512 | onednn | torch (see linear_kernels.py)
     repetition: RepetitionConfig = field(default_factory=RepetitionConfig)
     num_threads: int | None = None    # torch intra-op threads on CPU

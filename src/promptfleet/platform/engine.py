@@ -32,6 +32,7 @@ from promptfleet.platform.llama import Llama
 from promptfleet.platform.model import GPT2
 from promptfleet.platform.step_input import Group, build_step_input, plan_step
 from promptfleet.platform.runner import ModelRunner
+from promptfleet.platform.decode_graphs import CudaGraph, DecodeGraphs, EagerGraph
 from promptfleet.platform.device_sampler import SamplerPlan
 from promptfleet.platform.sampling import SamplingParams
 from promptfleet.platform.staging import PinnedBuffers, StepStaging
@@ -121,7 +122,7 @@ class Engine:
                         self.cache.max_len, c.max_batch_size)
         self.scheduler = Scheduler(self.cache, max_batch_size=c.max_batch_size, max_queue=c.max_queue,
                                    max_model_len=self.max_model_len)
-        self.runner = ModelRunner(model, self.cache)  # the one place the fast decode path is chosen
+        self.runner = ModelRunner(model, self.cache, self._decode_graphs())  # the one place the fast path is chosen
         self.adapters: dict[str, AdapterPrefix] = {}
         self._inbox: list[tuple[str, object]] = []
         # deltas produced by the engine thread, handed to their event loops once per step
@@ -143,6 +144,18 @@ class Engine:
         self._detokenize = lambda ids: tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
     # ------------------------------------------------------------------ construction
+    def _decode_graphs(self) -> DecodeGraphs | None:
+        """Decode-only steps as CUDA graphs per batch bucket: on CUDA with a ragged decode
+        kernel (flash, flex); ``eager`` runs the same static-buffer path without capture."""
+        mode = self.config.decode_graphs
+        if mode not in ("auto", "off", "eager"):
+            raise ValueError(f"decode_graphs must be auto, off or eager, not {mode!r}")
+        if mode == "eager":
+            return DecodeGraphs(self.model, self.cache, graph=EagerGraph)
+        if mode == "auto" and self.device.type == "cuda" and self.attention_backend in ("flash", "flex"):
+            return DecodeGraphs(self.model, self.cache, graph=CudaGraph)
+        return None
+
     @classmethod
     def from_pretrained(cls, name_or_path: str | Path, config: EngineConfig | None = None) -> "Engine":
         config = config or EngineConfig()

@@ -7,7 +7,9 @@ linears native): there the blocks run as a replay of their own kernel calls
 (``native_trace``), recorded once per padded batch size from the module path itself, so
 no Python runs between the kernels and no second copy of a block's math exists. The models
 know nothing of this; any forward that cannot be replayed (a torch operation between the
-kernels) logs why once and keeps the module path for that batch size.
+kernels) logs why once and keeps the module path for that batch size. On CUDA, a
+decode-only step runs as a CUDA graph of its batch-size bucket instead (``decode_graphs``,
+flash and flex backends), prompt steps eagerly.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from promptfleet.platform.decode_graphs import DecodeGraphs
 from promptfleet.platform.kv_cache import SlotBatch, SlotKVCache
 from promptfleet.platform.native_trace import DecodeGraph, NotReplayable, capture
 from promptfleet.platform.step_input import StepInput
@@ -51,8 +54,8 @@ class _Replay:
 
 
 class ModelRunner:
-    def __init__(self, model, cache: SlotKVCache) -> None:
-        self.model, self.cache = model, cache
+    def __init__(self, model, cache: SlotKVCache, graphs: DecodeGraphs | None = None) -> None:
+        self.model, self.cache, self.graphs = model, cache, graphs
         self.kernels = cache.decode_kernels
         # replay needs native attention and native linears (whose calls it records)
         self.replays = self.kernels is not None and model.linear_kernels == "avx512"
@@ -63,6 +66,11 @@ class ModelRunner:
         groups = batch.ctx.groups
         if self.replays and len(groups) == 1 and groups[0].native_lens is not None and groups[0].slot0 == 0:
             hidden = self._decode(batch, groups[0])
+            if hidden is not None:
+                return hidden
+        if (self.graphs is not None and len(groups) == 1 and isinstance(groups[0], SlotBatch) and groups[0].T == 1
+                and groups[0].slot0 == 0 and groups[0].native_lens is None):
+            hidden = self.graphs.run(batch.ids, batch.positions, groups[0].B)  # a CUDA graph per bucket
             if hidden is not None:
                 return hidden
         return self.model(batch.ids, batch.positions, batch.ctx)
