@@ -3,8 +3,10 @@
 Row ``b`` of a decode group (one new token each, its keys and values already written at
 position ``lens[b] - 1`` of KV slot ``slot0 + b``) attends over positions ``0 .. lens[b]-1``
 of its slot. The keys are read in place from the cache (``[slots, max_len, H_kv, D]``
-viewed as ``[B, H_kv, max_len, D]``: no gather, no copy), always over the slot's full
-length so the compiled kernel sees one shape per batch size; a block mask built from
+viewed as ``[slots, H_kv, max_len, D]``: no gather, no copy), always over every slot and
+its full length, so the compiled kernel sees ONE shape (a row outside the group gets no key
+block and costs nothing; a batch-size-dependent shape would recompile, and on CPU inductor's
+dynamic-shape flex kernels do not even build for some head sizes); a block mask built from
 ``lens`` with tensor operations alone (so it can be captured in a CUDA graph) skips the
 blocks past each row's end, and the mask inside the last block hides the rest.
 
@@ -13,7 +15,7 @@ finite (``SlotKVCache.ensure_initialized`` zeroes it in whole blocks), since a m
 value still poisons the sum.
 
 FlexAttention is compiled by torch (Triton on CUDA, inductor's C++ on CPU) on first use,
-once for any batch size (``dynamic=True``); grouped-query heads are shared in the kernel.
+once per process; grouped-query heads are shared in the kernel.
 """
 from __future__ import annotations
 
@@ -41,7 +43,7 @@ class FlexDecode:
             from torch.nn.attention.flex_attention import flex_attention
 
             log.info("compiling FlexAttention's decode kernel (once per process)")
-            self._compiled = torch.compile(flex_attention, dynamic=True)
+            self._compiled = torch.compile(flex_attention, dynamic=False)
         return self._compiled
 
     def block_mask(self, lens: torch.Tensor, kv_len: int):
@@ -62,8 +64,14 @@ class FlexDecode:
     def decode(self, q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, slot0: int,
                lens: torch.Tensor) -> torch.Tensor:
         rows, heads, dim = q.shape
-        keys = kc[slot0:slot0 + rows].transpose(1, 2)     # [B, H_kv, L, D], a strided view
-        values = vc[slot0:slot0 + rows].transpose(1, 2)
-        out = self._kernel()(q[:, :, None, :], keys, values, block_mask=self.block_mask(lens, keys.shape[2]),
+        slots = kc.shape[0]
+        # always every slot as the batch (rows outside the group get no key block): one
+        # shape per process, so the kernel compiles once and never for a new batch size
+        q_all = q.new_zeros(slots, heads, dim)
+        q_all[slot0:slot0 + rows] = q
+        lens_all = torch.zeros(slots, dtype=torch.int32, device=q.device)
+        lens_all[slot0:slot0 + rows] = lens
+        keys, values = kc.transpose(1, 2), vc.transpose(1, 2)     # [slots, H_kv, L, D], strided views
+        out = self._kernel()(q_all[:, :, None, :], keys, values, block_mask=self.block_mask(lens_all, keys.shape[2]),
                              scale=1.0 / math.sqrt(dim), enable_gqa=heads != keys.shape[1])
-        return out[:, :, 0, :]
+        return out[slot0:slot0 + rows, :, 0, :]
