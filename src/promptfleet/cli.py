@@ -278,6 +278,17 @@ def bench(ctx: typer.Context, which: str = typer.Argument(
     importlib.import_module(f"promptfleet.bench.{modules[which]}").main(list(ctx.args))
 
 
+@app.command("gpu-check", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def gpu_check(ctx: typer.Context) -> None:
+    """The prepared device check (scripts/gpu_check.sh runs it with the engine bench): logits
+    against transformers' model and mixed adapter batches against SDPA and PEFT, per
+    attention backend; --device cpu --dtype float32 is the dry run. Extra arguments go to
+    it (see --help). Exit 1 when a check fails."""
+    from promptfleet.bench.gpu_check import main as check
+
+    raise typer.Exit(check(list(ctx.args)))
+
+
 @app.command()
 def demo(workdir: Optional[Path] = typer.Option(None, help="Keep the demo's data here (default: a temp dir)."),
          port: int = 0, requests: int = 24,

@@ -152,9 +152,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--virtual-tokens", type=int, default=20)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default=None)
-    ap.add_argument("--attention", default="auto", choices=["auto", "sdpa", "flash", "avx512"])
+    ap.add_argument("--attention", default="auto", choices=["auto", "sdpa", "flash", "flex", "avx512"])
+    ap.add_argument("--decode-graphs", default="auto", choices=["auto", "off", "eager"],
+                    help="decode-only steps as CUDA graphs per batch bucket (auto: on CUDA with flash/flex)")
     ap.add_argument("--linear-kernels", default="auto", choices=["auto", "avx512", "onednn", "torch"])
     ap.add_argument("--rounds", type=int, default=2, help="alternating rounds of (a) and (b); best of each")
+    ap.add_argument("--peak-seconds", type=float, default=1.0, help="each matmul-peak sample's length (d)")
     ap.add_argument("--skip-baseline", action="store_true", help="skip (c) and (c2), the sequential loops")
     ap.add_argument("--compare-kernels", metavar="LINEARS,ATTENTION",
                     help="also time (a) on a second engine with these kernels, e.g. onednn,sdpa")
@@ -169,7 +172,7 @@ def main(argv: list[str] | None = None) -> None:
     def make_engine(linear_kernels: str, attention: str) -> Engine:
         return Engine.from_pretrained(ckpt, EngineConfig(
             device=args.device, dtype=args.dtype, max_batch_size=max(64, n), attention=attention,
-            max_model_len=args.max_model_len, linear_kernels=linear_kernels,
+            max_model_len=args.max_model_len, linear_kernels=linear_kernels, decode_graphs=args.decode_graphs,
             repetition=RepetitionConfig(enabled=False)))
 
     engine = make_engine(args.linear_kernels, args.attention)
@@ -188,13 +191,13 @@ def main(argv: list[str] | None = None) -> None:
         # shared and its speed drifts, so the matmul peak is measured between the rounds too
         # and the highest seen is the one utilisation is reported against (never flattering)
         walls_a, walls_b, decode, walls_o, decode_o = [], [], [], [], []
-        peaks = [matmul_peak_flops(engine.dtype, args.device, seconds=1.0)]
+        peaks = [matmul_peak_flops(engine.dtype, args.device, seconds=args.peak_seconds)]
         for _ in range(args.rounds):
             run_a(engine, prompts, names, new, walls_a, decode)
             walls_b.append(asyncio.run(run_engine(engine, prompts, ["a0"] * n, new)))
             if other:
                 run_a(other, prompts, names, new, walls_o, decode_o)
-            peaks.append(matmul_peak_flops(engine.dtype, args.device, seconds=1.0))
+            peaks.append(matmul_peak_flops(engine.dtype, args.device, seconds=args.peak_seconds))
         wall_a, wall_b = min(walls_a), min(walls_b)
         decode_s, decode_tokens = min(decode)
         engine.stop()
@@ -210,7 +213,7 @@ def main(argv: list[str] | None = None) -> None:
         wall_e = None if args.skip_peer else run_hf_continuous_batching(load_hf(ckpt), prompts, new)
     cfg = engine.model_config
     dtype = engine.dtype
-    peaks.append(matmul_peak_flops(dtype, args.device))
+    peaks.append(matmul_peak_flops(dtype, args.device, seconds=2 * args.peak_seconds))
     best = {kernel: max(p[kernel] for p in peaks) for kernel in peaks[0]}
     peak = best["peak"]
     avg_ctx = args.virtual_tokens + args.prompt_tokens + new / 2
@@ -219,7 +222,9 @@ def main(argv: list[str] | None = None) -> None:
     tok = n * new
     result = {
         "bench": "engine", "device": args.device, "dtype": str(dtype).replace("torch.", ""),
-        "attention": engine.attention_backend, "threads": torch.get_num_threads(),
+        "attention": engine.attention_backend, "attention_reason": engine.attention_reason,
+        "decode_graphs": engine.runner.graphs is not None, "kv_allocated_bytes": engine.cache.allocated_bytes,
+        "threads": torch.get_num_threads(),
         "model": (f"{cfg.family} L{cfg.n_layer} d{cfg.n_embd} heads {cfg.n_head}/{cfg.n_kv_head} "
                   f"({ckpt.name if args.model else 'random weights'})"), "requests": n,
         "prompt_tokens": args.prompt_tokens, "new_tokens": new, "virtual_tokens": args.virtual_tokens,
