@@ -225,3 +225,41 @@ def test_reference_is_transformers_beam_search(gpt2_eos):
     beams = [reference_beams(model, ids, num_beams=4, num_return=1, max_new_tokens=8, eos_token_ids=eos)[0]
              for ids in PROMPTS]
     assert greedy != beams
+
+
+def test_a_search_that_goes_non_finite_fails_alone(gpt2_eos):
+    """Two searches in the same steps; one's shared prompt K/V turns to NaN mid-search (what
+    a broken adapter would do): it fails with a numerical error, the other finishes with the
+    beams it gets alone. The engine is stepped by hand, so nothing races."""
+    from promptfleet.platform.beam_group import BeamGroup
+
+    engine = Engine.from_pretrained(gpt2_eos, EngineConfig(max_batch_size=8))
+    params, beam = SamplingParams(max_tokens=8, ignore_eos=True), BeamParams(3, 1)
+    try:
+        alone = asyncio.run(engine.beam_search(PROMPTS[1], params, beam))
+        engine.stop()
+        results: dict[int, list] = {}
+
+        def search(i: int, ids: list[int]) -> BeamGroup:
+            return BeamGroup.create(prompt_ids=ids, params=params, beam=beam, adapter=None,
+                                    emit=lambda r, i=i: results.setdefault(i, r), detokenize=engine._detokenize,
+                                    eos_token_ids=engine.model_config.eos_token_ids,
+                                    repetition=engine.config.repetition, max_model_len=engine.max_model_len)
+
+        bad, good = search(0, PROMPTS[0]), search(1, PROMPTS[1])
+        engine.scheduler.add(bad.head)
+        engine.scheduler.add(good.head)
+        engine.step()
+        engine.step()
+        assert bad.started and good.started and not results
+        for layer in range(engine.model_config.n_layer):
+            engine.cache.k[layer][bad.head.slot, 0] = float("nan")
+        for _ in range(20):
+            if len(results) == 2:
+                break
+            engine.step()
+        assert results[0][0].error_code == "numerical_error"
+        assert [r.token_ids for r in results[1]] == [r.token_ids for r in alone]
+        assert not engine.scheduler.running
+    finally:
+        engine.stop()

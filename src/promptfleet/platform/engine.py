@@ -476,11 +476,11 @@ class Engine:
             hidden = self.runner.forward(batch)
             last = hidden[0, batch.last]
             tokens = self._sample_rows(last if len(plain) == len(rows) else last[plain], plan) if seqs else []
-            searches: dict[int, tuple[BeamGroup, list[int]]] = {}  # beam searches' rows, by search
-            for i, s in enumerate(rows):
-                if s.beam is not None:
-                    searches.setdefault(id(s.beam), (s.beam, []))[1].append(i)
-            logits = {key: self._beam_logits(last[idx]) for key, (_, idx) in searches.items()}
+            searches: dict[int, tuple[BeamGroup, list[int]]] = {}  # beam searches' rows (into beam_rows), by search
+            beam_rows = [i for i, s in enumerate(rows) if s.beam is not None]
+            for j, i in enumerate(beam_rows):
+                searches.setdefault(id(rows[i].beam), (rows[i].beam, []))[1].append(j)
+            beam_logits, beam_finite = self._beam_logits(last[beam_rows]) if beam_rows else (None, None)
         except Exception:
             if plan is not None:
                 plan.rewind()  # the step runs again: seeded rows draw the same numbers then
@@ -491,8 +491,9 @@ class Engine:
                 seq.cached += len(toks)
                 if g.is_prompt:
                     self._prompt_tokens += len(toks)
-        for key, (search, idx) in searches.items():
-            self._advance_search(search, logits[key], len(idx))
+        for search, idx in searches.values():
+            finite = bool(beam_finite[idx].all())
+            self._advance_search(search, beam_logits[idx] if finite else None, len(idx))
         for seq, token in zip(seqs, tokens):
             if token is None:
                 self._fail(seq, NUMERICAL_ERROR)
@@ -505,12 +506,12 @@ class Engine:
                 log.exception("sequence %d failed on token %d", seq.id, token)
                 self._fail(seq, INTERNAL_ERROR)
 
-    def _beam_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
-        """A beam search's logits for this step's rows, or None when any is not finite."""
-        if not bool(torch.isfinite(hidden).all()):
-            return None
-        logits = self.model.logits(hidden).float().cpu()
-        return logits if bool(torch.isfinite(logits).all()) else None
+    def _beam_logits(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every beam row's logits this step (one LM-head matmul for all the searches, which
+        read its weights once), in float32 on the host, and which rows are finite (a
+        search with a non-finite row fails alone)."""
+        logits = self.model.logits(hidden).float()
+        return logits.cpu(), torch.isfinite(logits).all(-1).cpu()
 
     def _advance_search(self, search: BeamGroup, logits: torch.Tensor | None, rows: int) -> None:
         if search.finished:
