@@ -2,10 +2,12 @@
 
 The engine's own algorithm (``platform.beam_search.BeamSearch``: transformers' beam search,
 step for step) drives the trained model here, so a beam setting is scored on validation
-data with the beams the server will serve. Each step runs the model's full forward over
-every running beam's whole sequence (``evaluate.prefill``, no cache: the layout PEFT's own
-forward uses, right for prompt tuning, P-tuning and prefix tuning alike), all examples of
-a batch in one forward. A beam also ends where its text reaches a stop string.
+data with the beams the server will serve. A batch of examples runs as ``examples x k``
+rows: one prefill of every prompt in the layout PEFT's own forward uses
+(``evaluate.prefill``: virtual tokens or the prefix K/V, then the left-padded prompt, right
+for prompt tuning, P-tuning and prefix tuning alike), then one token per row per step on
+the KV cache, reordered to each step's parent beams (rows stay within their example). A
+beam also ends where its text reaches a stop string.
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ from typing import Any
 import torch
 
 from promptfleet.platform.beam_search import BeamParams, BeamSearch
-from promptfleet.trainer.evaluate import prefill
+from promptfleet.trainer.evaluate import _base, _cache_kwarg, _out_cache, prefill
 
 
 @torch.no_grad()
@@ -24,6 +26,7 @@ def beam_batch(model: Any, prompts: Sequence[Sequence[int]], *, beam: BeamParams
     """The best beam of each prompt (its generated ids, the ending EOS included if any)."""
     if stop and tokenizer is None:
         raise ValueError("stop strings need the tokenizer")
+    k = beam.num_beams
     searches = [BeamSearch(beam, max_new_tokens=max_new_tokens, n_eos=1) for _ in prompts]
 
     def ends(tokens: list[int], token: int) -> bool:
@@ -31,15 +34,32 @@ def beam_batch(model: Any, prompts: Sequence[Sequence[int]], *, beam: BeamParams
             return True
         return bool(stop) and any(s in tokenizer.decode(tokens + [token], skip_special_tokens=True) for s in stop)
 
-    while active := [i for i, s in enumerate(searches) if not s.done]:
-        rows = [list(prompts[i]) + beam_ids for i in active for beam_ids in searches[i].running]
-        out, _ = prefill(model, rows, pad_id=pad_id, use_cache=False)
-        log_probs = torch.log_softmax(out.logits[:, -1].float(), dim=-1).cpu()
-        offset = 0
-        for i in active:
-            search = searches[i]
-            running, count = search.running, len(search.running)
-            search.step(log_probs[offset:offset + count], lambda parent, token, running=running: ends(running[parent],
-                                                                                                     token))
-            offset += count
+    base = _base(model)
+    device = next(base.parameters()).device
+    out, mask = prefill(model, [p for p in prompts for _ in range(k)], pad_id=pad_id)
+    cache, logits = _out_cache(out), out.logits[:, -1]
+    next_pos = mask.sum(1, keepdim=True)
+    first = True
+    while True:
+        log_probs = torch.log_softmax(logits.float(), dim=-1).cpu()
+        tokens = torch.zeros(len(prompts) * k, dtype=torch.long)
+        order = torch.arange(len(prompts) * k)  # the row each row's cache comes from (finished: itself)
+        for e, search in enumerate(searches):
+            if search.done:
+                continue
+            running = search.running
+            rows = log_probs[e * k:e * k + 1] if first else log_probs[e * k:(e + 1) * k]
+            step = search.step(rows, lambda parent, token, running=running: ends(running[parent], token))
+            for i, c in enumerate(step):
+                tokens[e * k + i] = c.token
+                order[e * k + i] = e * k + c.parent
+        first = False
+        if all(s.done for s in searches):
+            break
+        cache.reorder_cache(order.to(device))
+        mask = torch.cat([mask, torch.ones((mask.shape[0], 1), dtype=mask.dtype, device=device)], dim=1)
+        out = base(input_ids=tokens[:, None].to(device), attention_mask=mask, position_ids=next_pos, use_cache=True,
+                   logits_to_keep=1, **{_cache_kwarg(base): cache})
+        cache, logits = _out_cache(out), out.logits[:, -1]
+        next_pos = next_pos + 1
     return [s.results()[0].tokens for s in searches]
