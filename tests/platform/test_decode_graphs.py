@@ -14,6 +14,7 @@ from promptfleet.platform.config import EngineConfig
 from promptfleet.platform.decode_graphs import bucket_for
 from promptfleet.platform.engine import Engine
 from promptfleet.platform.sampling import SamplingParams
+from promptfleet.testing.engine_gate import StepGate
 
 REQUESTS = [("pt_a", "The quick brown fox"), (None, "Hello world"), ("prefix", "a"),
             ("ptune", "Once upon a time in a land far away"), ("pt_b", "PromptFleet")]
@@ -25,13 +26,16 @@ def test_bucket_choice(rows, max_rows, want):
     assert bucket_for(rows, max_rows) == want
 
 
-async def _staggered(engine: Engine, n_new: int) -> list[list[int]]:
-    """Requests that join and finish at different steps: decode steps of 1 to 5 rows."""
-    async def run(i, adapter, prompt):
-        await asyncio.sleep(0.05 * i)
-        params = SamplingParams(max_tokens=n_new + 2 * i, temperature=0.0, detect_repetition=False)
-        return (await engine.complete(prompt, params, adapter=adapter)).token_ids
-    return await asyncio.gather(*[run(i, a, p) for i, (a, p) in enumerate(REQUESTS)])
+async def _together(engine: Engine, n_new: int) -> list[list[int]]:
+    """Every request queued before the engine's first step (the gate holds it), each with its
+    own length, so decode-only steps run 5, 4, 3, 2 then 1 rows (buckets 8, 4, 2, 1)."""
+    with StepGate(engine) as gate:
+        params = [SamplingParams(max_tokens=n_new + 2 * i, temperature=0.0, detect_repetition=False)
+                  for i in range(len(REQUESTS))]
+        tasks = [asyncio.create_task(engine.complete(p, params[i], adapter=a)) for i, (a, p) in enumerate(REQUESTS)]
+        await asyncio.sleep(0)  # every task has submitted its request
+        gate.open()
+        return [r.token_ids for r in await asyncio.gather(*tasks)]
 
 
 async def test_graph_path_gives_peft_tokens(small_checkpoint, peft_adapters, peft_reference):
@@ -43,11 +47,11 @@ async def test_graph_path_gives_peft_tokens(small_checkpoint, peft_adapters, pef
     try:
         for name, path in peft_adapters.items():
             engine.add_adapter(name, load_adapter_dir(path))
-        answers = await _staggered(engine, 4)
+        answers = await _together(engine, 4)
     finally:
         engine.stop()
     graphs = engine.runner.graphs
-    assert graphs.replays > 0 and len(graphs._buckets) >= 2  # several batch sizes went through buckets
+    assert graphs.replays > 0 and set(graphs._buckets) == {8, 4, 2, 1}  # padded rows in 8 and 4
     for i, ((adapter, prompt), got) in enumerate(zip(REQUESTS, answers)):
         want = peft_reference(small_checkpoint, peft_adapters[adapter] if adapter else None,
                               engine.tokenizer.encode(prompt), 4 + 2 * i)

@@ -1,12 +1,16 @@
 """Decode-only steps as CUDA graphs, one per batch-size bucket (prompt steps stay eager).
 
-A decode step of B rows is run as the graph of the smallest bucket P >= B (``bucket_for``)
-over static buffers: token ids, positions and the row -> slot map, the B real rows first
-and P - B copies of the last one (they recompute its token: the same keys and values land
-in the same place, and their outputs are dropped). Everything a row needs is derived
-inside the graph from its position (a decode row at position p has p cached keys and
-writes its own at p), so a replay reads only these buffers: one small device-to-device
-copy each, then ``graph.replay()``, whatever the batch's lengths. The attention inside is
+A decode step of B rows (in slots 0..B-1: the running batch is compact) is run as the
+graph of the smallest bucket P >= B (``bucket_for``) over static buffers: token ids and
+positions, the B real rows first, then P - B copies of the last one. Row r uses slot r,
+so the padded rows work in the free slots B..P-1: they write their keys there, read
+whatever those slots hold, and their outputs are dropped; those slots are then marked
+never written (``SlotKVCache.forget``), so the next sequence there zeroes what it reads.
+(A padded row must not share the copied row's slot: its attention over other keys would
+give other keys and values for the next layer, written over the real row's.) Everything
+a row needs is derived inside the graph from its position (a decode row at position p has
+p cached keys and writes its own at p), so a replay reads only these buffers: one small
+device-to-device copy each, then ``graph.replay()``, whatever the batch's lengths. The attention inside is
 the backend's ragged decode (``RaggedDecode``): flash-attn's ``flash_attn_with_kvcache``
 (lengths and slots as int32 tensors) or FlexAttention's block mask built from the lengths
 with tensor operations, both capturable; SDPA over each slot's full length (masked) is the
@@ -120,7 +124,7 @@ class CudaGraph:
 class _Bucket:
     ids: torch.Tensor        # [1, P] long
     positions: torch.Tensor  # [1, P] long
-    slots: torch.Tensor      # [P] long
+    slots: torch.Tensor      # [P] long: 0..P-1, row r in slot r
     graph: EagerGraph | CudaGraph | None = None
 
 
@@ -135,7 +139,7 @@ class DecodeGraphs:
         self.replays = 0
 
     def _index(self, rows: int, padded: int, device: torch.device) -> torch.Tensor:
-        """``[P]``: rows 0..B-1, then B-1 again for the padded rows."""
+        """``[P]``: rows 0..B-1, then B-1 again for the padded rows (their ids and positions)."""
         key = (rows, padded)
         if key not in self._pad_index:
             self._pad_index[key] = torch.arange(padded, device=device).clamp_(max=rows - 1)
@@ -153,24 +157,27 @@ class DecodeGraphs:
         if bucket is None:
             bucket = self._buckets[padded] = _Bucket(torch.zeros(1, padded, dtype=torch.long, device=dev),
                                                      torch.zeros(1, padded, dtype=torch.long, device=dev),
-                                                     torch.zeros(padded, dtype=torch.long, device=dev))
+                                                     torch.arange(padded, device=dev))
         index = self._index(rows, padded, dev)
         bucket.ids.copy_(ids.index_select(1, index))
         bucket.positions.copy_(positions.index_select(1, index))
-        bucket.slots.copy_(index)
         if self.cache.flex is None and self.cache.backend != "flash":
             # masked SDPA over whole slots multiplies never-written values by 0: zero them once
             self.cache.ensure_initialized(0, rows, self.cache.max_len + 1)
-        if bucket.graph is None:
-            try:
-                bucket.graph = self._graph(lambda: self._forward(bucket), self._pool)
-            except Exception as exc:  # noqa: BLE001 - any capture failure keeps the eager path
-                log.warning("decode steps of %d rows stay eager: capturing their graph failed: %s", padded, exc)
-                self._buckets[padded] = None
-                return None
-            log.info("captured the decode step for %d rows (%s)", padded, type(bucket.graph).__name__)
-        else:
-            bucket.graph.replay()
+        try:
+            if bucket.graph is None:
+                try:
+                    bucket.graph = self._graph(lambda: self._forward(bucket), self._pool)
+                except Exception as exc:  # noqa: BLE001 - any capture failure keeps the eager path
+                    log.warning("decode steps of %d rows stay eager: capturing their graph failed: %s", padded, exc)
+                    self._buckets[padded] = None
+                    return None
+                log.info("captured the decode step for %d rows (%s)", padded, type(bucket.graph).__name__)
+            else:
+                bucket.graph.replay()
+        finally:
+            for slot in range(rows, padded):  # the padded rows wrote there (see the module's docstring)
+                self.cache.forget(slot)
         self.replays += 1
         return bucket.graph.output[:, :rows]
 
