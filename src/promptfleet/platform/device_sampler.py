@@ -83,7 +83,9 @@ class SamplerPlan:
         rows, vocab = logits.shape
         dev = logits.device
         failed = torch.zeros(rows, dtype=torch.bool, device=dev) if valid is None else ~valid
-        if valid is not None:  # keep the batched kernels below on finite input
+        # keep the batched kernels below on finite input (on CPU, where asking costs nothing,
+        # only when a row is not finite: the copy is the size of the logits)
+        if valid is not None and (dev.type != "cpu" or not bool(valid.all())):
             logits = torch.where(valid[:, None], logits, torch.zeros((), dtype=logits.dtype, device=dev))
         if self.penalised is not None:
             logits = logits.clone() if valid is None else logits
@@ -99,19 +101,27 @@ class SamplerPlan:
         out = torch.zeros(rows, dtype=torch.long, device=dev)
         if self.greedy is not None:
             g = self.greedy.get()
+            every = g.shape[0] == rows  # all rows greedy (the common batch): no row gather
+            rows_g = logits if every else logits.index_select(0, g)
             if native_argmax and dev.type == "cpu":
-                out[g] = torch.tensor(greedy_tokens(logits.index_select(0, g), native_argmax=True), dtype=torch.long)
+                picked = torch.tensor(greedy_tokens(rows_g, native_argmax=True), dtype=torch.long)
             else:
-                out[g] = logits.index_select(0, g).argmax(-1)
+                picked = rows_g.argmax(-1)
+            if every:
+                out = picked
+            else:
+                out[g] = picked
         if self.sampled is not None:
             s = self.sampled.get()
             # temperature >= SAMPLING_EPS here (below it a row is greedy), so it cannot underflow
-            x = logits.index_select(0, s) / self.temps.get().to(logits.dtype)[:, None]
+            x = logits if s.shape[0] == rows else logits.index_select(0, s)
+            x = x / self.temps.get().to(logits.dtype)[:, None]
             x = filter_rows(x, self.top_k.get(), self.top_p.get(), max_k=self.max_k, any_p=self.any_p,
                             exact_sort=exact_sort)
             probs = x.softmax(-1)
             finite = torch.isfinite(probs).all(-1)
-            probs = torch.where(finite[:, None], probs, torch.full_like(probs, 1.0 / vocab))
+            if dev.type != "cpu" or not bool(finite.all()):  # as above: CPU asks first, a GPU never waits
+                probs = torch.where(finite[:, None], probs, torch.full_like(probs, 1.0 / vocab))
             failed = failed.clone()
             failed[s] = failed[s] | ~finite
             out[s] = draw_with(probs, self.u.get())

@@ -59,7 +59,7 @@ class FlexDecode:
             return kv_idx < lens[b]
 
         return BlockMask.from_kv_blocks(num, index.contiguous(), BLOCK_SIZE=self.block, mask_mod=inside,
-                                        seq_lengths=(1, kv_len))
+                                        seq_lengths=(1, kv_len), compute_q_blocks=False)  # forward only
 
     def decode(self, q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, slot0: int,
                lens: torch.Tensor) -> torch.Tensor:

@@ -176,7 +176,8 @@ class SlotBatch:
             steps = torch.arange(T)
             pos = start_h[:, None] + steps[None, :]
             if any(q != T for q in q_lens):
-                pos = torch.where(steps[None, :] < torch.tensor(q_lens)[:, None], pos, torch.full_like(pos, cache.max_len))
+                padded = steps[None, :] >= torch.tensor(q_lens)[:, None]
+                pos = torch.where(padded, torch.full_like(pos, cache.max_len), pos)
             # row (slot, pos) of a layer's cache viewed as [slots * positions, H * D]
             self._flat = stage.add((rows_h[:, None] * cache.k[0].shape[1] + pos).reshape(-1))
             self._start = stage.add(start_h)

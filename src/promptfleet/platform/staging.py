@@ -37,7 +37,8 @@ class Staged:
 class StepStaging:
     """Collects one step's host tensors; ``flush`` moves them all at once."""
 
-    def __init__(self, device: torch.device, pinned: "PinnedBuffers | None" = None, *, pack: bool | None = None) -> None:
+    def __init__(self, device: torch.device, pinned: "PinnedBuffers | None" = None, *,
+                 pack: bool | None = None) -> None:
         self.device = torch.device(device)
         self.pack = self.device.type != "cpu" if pack is None else pack  # CPU tests pack to check the layout
         self._pinned = pinned
