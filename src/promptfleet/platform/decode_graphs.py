@@ -112,7 +112,8 @@ class CudaGraph:
             fn()
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=pool):
+        # thread_local: the API's threads may use the GPU meanwhile (adapter prefixes)
+        with torch.cuda.graph(self.graph, pool=pool, capture_error_mode="thread_local"):
             self.output = fn()
         self.graph.replay()  # capture records without running: run this step
 

@@ -65,9 +65,7 @@ class StepStaging:
                 for p in pieces]
         total = sum(t.numel() for t in flat)
         if self._pinned is not None and self.device.type == "cuda":
-            host = self._pinned.take(total)
-            torch.cat(flat, out=host)
-            moved = host.to(self.device, non_blocking=True)
+            moved = self._pinned.copy(flat, total, self.device)
         else:
             moved = torch.cat(flat).to(self.device)
         self.copies += 1
@@ -83,16 +81,29 @@ class StepStaging:
 
 
 class PinnedBuffers:
-    """Two page-locked int64 host buffers, used in turn, grown when a step needs more."""
+    """Two page-locked int64 host buffers, used in turn and grown when a step needs more;
+    a buffer is written again only once the copy that last read it has run (its event)."""
 
     def __init__(self) -> None:
         self._buffers: list[torch.Tensor | None] = [None, None]
+        self._events: list[object | None] = [None, None]
         self._turn = 0
 
-    def take(self, numel: int) -> torch.Tensor:
+    def copy(self, parts: list[torch.Tensor], numel: int, device: torch.device) -> torch.Tensor:
+        """``parts`` (int64, 1-D) laid end to end in a pinned buffer and copied to ``device``
+        (CUDA) without blocking the host."""
         self._turn ^= 1
-        buf = self._buffers[self._turn]
+        turn = self._turn
+        if self._events[turn] is not None:
+            self._events[turn].synchronize()  # done long ago in practice: a step reads its tokens back
+        buf = self._buffers[turn]
         if buf is None or buf.numel() < numel:
             buf = torch.empty(max(numel, 4096 if buf is None else 2 * buf.numel()), dtype=torch.int64).pin_memory()
-            self._buffers[self._turn] = buf
-        return buf[:numel]
+            self._buffers[turn] = buf
+        host = buf[:numel]
+        torch.cat(parts, out=host)
+        moved = host.to(device, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        self._events[turn] = event
+        return moved
