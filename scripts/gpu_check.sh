@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The prepared device check (issue 17, item 6): the first thing a session with a GPU runs.
 #
-#   device run:  command "bash scripts/gpu_check.sh", carry [".whl"], timeout_s 420
+#   device run:  command "bash scripts/gpu_check.sh", carry [".whl"], timeout_s 540 (expected: about 4 minutes)
 #   dry run:     DEVICE=cpu DTYPE=float32 SHAPE=tiny BACKENDS=sdpa \
 #                BENCH_ARGS="--requests 2 --new-tokens 4 --rounds 1" bash scripts/gpu_check.sh
 #
@@ -33,16 +33,18 @@ start=$(date +%s)
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null || true
 
 status=0
-timeout 240 $PY -m promptfleet.bench.gpu_check --device "$DEVICE" --dtype "$DTYPE" --shape "$SHAPE" \
+timeout 200 $PY -m promptfleet.bench.gpu_check --device "$DEVICE" --dtype "$DTYPE" --shape "$SHAPE" \
   --backends "$BACKENDS" --out "$DEST/gpu_check.json" 2>"$DEST/gpu_check.log" || status=1
 [ -s "$DEST/gpu_check.json" ] || { tail -40 "$DEST/gpu_check.log"; status=1; }
-grep -E "attention backend|captured|stay eager" "$DEST/gpu_check.log" | sort | uniq -c | head -20
+grep -E "attention backend|captured|stay eager|skipped" "$DEST/gpu_check.log" | sed -E 's/^[0-9-]+ [0-9:,]+ //' \
+  | sort | uniq -c | head -20
 
-[ -n "$BACKENDS" ] || BACKENDS=$($PY -m promptfleet.bench.gpu_check --list-backends --device "$DEVICE" --dtype "$DTYPE")
+[ -n "$BACKENDS" ] || BACKENDS=$($PY -m promptfleet.bench.gpu_check --list-backends --device "$DEVICE" --dtype "$DTYPE" \
+  --shape "$SHAPE" 2>/dev/null)
 for backend in ${BACKENDS//,/ }; do
   echo "== bench engine --attention $backend"
   # shellcheck disable=SC2086
-  timeout 150 $PY -m promptfleet.bench.engine_bench --device "$DEVICE" --dtype "$DTYPE" --attention "$backend" \
+  timeout 120 $PY -m promptfleet.bench.engine_bench --device "$DEVICE" --dtype "$DTYPE" --attention "$backend" \
     --skip-baseline --skip-peer $BENCH_ARGS 2>>"$DEST/bench.log" | tee -a "$DEST/bench.jsonl" || status=1
 done
 echo "gpu_check: status $status after $(( $(date +%s) - start )) s"

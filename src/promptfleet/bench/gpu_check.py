@@ -38,7 +38,7 @@ from promptfleet.platform.attention_backend import choose_attention
 from promptfleet.platform.config import EngineConfig, ModelConfig, resolve_dtype
 from promptfleet.platform.engine import Engine
 from promptfleet.platform.kv_cache import SlotBatch, StepBatch
-from promptfleet.platform.random_checkpoint import make_random_checkpoint
+from promptfleet.platform.random_checkpoint import SHAPES, make_random_checkpoint
 from promptfleet.platform.sampling import SamplingParams
 from promptfleet.platform.step_input import StepInput
 
@@ -246,7 +246,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.list_backends:
-        head_dim = ModelConfig.from_pretrained(args.model).head_dim if args.model else 64
+        shape = SHAPES[args.shape]
+        head_dim = ModelConfig.from_pretrained(args.model).head_dim if args.model else shape["n_embd"] // shape["n_head"]
         print(" ".join(runnable_backends(torch.device(args.device), resolve_dtype(args.device, args.dtype), head_dim)))
         return 0
     cfg = CheckConfig(device=args.device, dtype=args.dtype, model=args.model, shape=args.shape,
