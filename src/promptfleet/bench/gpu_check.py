@@ -218,6 +218,9 @@ def run(cfg: CheckConfig) -> dict:
                 answers[backend] = asyncio.run(_engine_tokens(engine, requests, cfg.new_tokens))
             finally:
                 engine.stop()
+            graphs = engine.runner.graphs  # which decode buckets ran as graphs (None: capture failed)
+            entry["decode_graphs"] = None if graphs is None else {
+                str(rows): bucket is not None for rows, bucket in sorted(graphs._buckets.items())}
             entry["tokens_vs_peft"] = _tally(answers[backend], [w for w, _ in reference], reference, cfg.tie_tol)
             if "sdpa" in answers:
                 entry["tokens_vs_sdpa"] = _tally(answers[backend], answers["sdpa"], reference, cfg.tie_tol)
@@ -273,8 +276,10 @@ def summary(report: dict) -> list[str]:
         tally = "; ".join(f"{name} {t['exact']}+{t['near_tie']} near-tie of {t['requests']}"
                           + (f", differ {t['differ']}" if t["differ"] else "")
                           for name, t in ((n, r.get(n)) for n in ("tokens_vs_peft", "tokens_vs_sdpa")) if t)
+        graphs = r.get("decode_graphs")
+        graphs = "off" if graphs is None else ", ".join(f"{k}{'' if v else ' (eager)'}" for k, v in graphs.items())
         lines.append(f"{backend}: {'ok' if r['ok'] else 'FAILED'} in {r['seconds']} s; mean |logit diff| {gaps}; "
-                     f"{tally}")
+                     f"{tally}; decode graphs: {graphs}")
     lines.append(f"gpu_check {'ok' if report['ok'] else 'FAILED'} in {report['seconds']} s")
     return lines
 
