@@ -50,7 +50,8 @@ class Settings(BaseSettings):
     max_step_tokens: int = Field(default=512, description="Tokens per engine step (decode rows + prompt chunks): "
                                  "lower keeps streams smoother when long prompts arrive, higher prefills faster.")
     linear_kernels: str = Field(default="auto", description="auto | avx512 | onednn | torch (CPU linears; see README).")
-    attention: str = Field(default="auto", description="auto | sdpa | flash | avx512 (attention backend; see README).")
+    attention: str = Field(default="auto", description="auto | sdpa | flash | flex | avx512 (attention backend; "
+                           "see README, GPU path).")
     adapter_cache_mb: int = 256
 
     # --- API limits
