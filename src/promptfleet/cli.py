@@ -74,7 +74,7 @@ def serve(model: Optional[str] = typer.Option(None, help="GPT-2 checkpoint direc
 
     overrides = {k: v for k, v in dict(model=model, device=device, dtype=dtype,
                                        embedded_worker=embedded_worker).items() if v is not None}
-    settings = Settings(**overrides)
+    settings = serve_settings(**overrides)
     try:
         check_deployment(settings, host)
     except UnsafeDeployment as exc:
@@ -82,6 +82,18 @@ def serve(model: Optional[str] = typer.Option(None, help="GPT-2 checkpoint direc
     if not settings.model:
         _fail("no model: pass --model PATH or set PROMPTFLEET_MODEL")
     run_server(settings, host=host, port=port)
+
+
+def serve_settings(**overrides: object) -> Settings:
+    """The server's settings; a bundled model (``smollm2-135m``) is listed in /v1/models
+    under its own name unless PROMPTFLEET_MODEL_ID says otherwise (not as the default
+    ``gpt2``, which clients would then have to be told to send)."""
+    from promptfleet.platform.weights import BUNDLED_MODELS
+
+    settings = Settings(**overrides)
+    if "model_id" not in settings.model_fields_set and settings.model in BUNDLED_MODELS:
+        settings = settings.model_copy(update={"model_id": settings.model})
+    return settings
 
 
 @app.command()
