@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from promptfleet.platform.adapter import AdapterPrefix
-from promptfleet.platform.beam_search import BeamParams, BeamSearch, Continuation, Hypothesis
+from promptfleet.platform.beam_search import BeamParams, BeamSearch, Continuation, Hypothesis, beam_ends, cut_at_stop
 from promptfleet.platform.config import RepetitionConfig
 from promptfleet.platform.kv_cache import SlotKVCache
 from promptfleet.platform.sampling import SamplingParams, apply_repetition_penalty
@@ -30,7 +30,6 @@ from promptfleet.platform.sequence import CompletionDelta, Sequence, SeqStatus
 @dataclass
 class BeamGroup:
     members: list[Sequence]  # members[0] is the head: its slot holds the shared prompt
-    beam: BeamParams
     search: BeamSearch
     emit: Callable[[list[CompletionDelta]], None]
     detokenize: Callable[[list[int]], str]
@@ -49,7 +48,7 @@ class BeamGroup:
         n_virtual = 0 if adapter is None else adapter.num_virtual_tokens
         limit = max(1, min(params.max_tokens, max_model_len - n_virtual - len(prompt_ids)))
         search = BeamSearch(beam, max_new_tokens=limit, n_eos=0 if params.ignore_eos else len(eos_token_ids))
-        group = cls(members=members, beam=beam, search=search, emit=emit, detokenize=detokenize)
+        group = cls(members=members, search=search, emit=emit, detokenize=detokenize)
         for m in members:
             m.beam = group
         return group
@@ -88,11 +87,8 @@ class BeamGroup:
 
     def _ends(self, tokens: list[int], token: int) -> bool:
         p = self.head.params
-        if token in self.head.eos_token_ids and not p.ignore_eos:
-            return True
-        if len(tokens) + 1 >= self.search.max_new_tokens:
-            return True
-        return bool(p.stop) and any(s in self.detokenize(tokens + [token]) for s in p.stop)
+        return beam_ends(tokens, token, eos_ids=() if p.ignore_eos else self.head.eos_token_ids,
+                         max_new_tokens=self.search.max_new_tokens, stop=p.stop, decode=self.detokenize)
 
     def _fork(self, continuations: list[Continuation], beams: list[Sequence], cache: SlotKVCache) -> None:
         if not self.started:  # the first step: every beam extends the prompt (own tokens: none yet)
@@ -127,10 +123,9 @@ class BeamGroup:
         reason = "length"
         if ids and ids[-1] in self.head.eos_token_ids and not p.ignore_eos:
             ids, reason = ids[:-1], "stop"
-        text = self.detokenize(ids)
-        hits = [i for i in (text.find(s) for s in p.stop) if i >= 0]
-        if hits:
-            text, reason = text[: min(hits)], "stop"
+        text, stopped = cut_at_stop(self.detokenize(ids), p.stop)
+        if stopped:
+            reason = "stop"
         return CompletionDelta(text=text, token_ids=ids, finish_reason=reason,
                                prompt_tokens=len(self.head.prompt_ids), completion_tokens=len(ids))
 
@@ -151,4 +146,3 @@ class BeamGroup:
         self.finished = True
         for m in self.members:
             m.status = SeqStatus.FINISHED
-            m.finish_reason = "stop"

@@ -22,7 +22,7 @@ answers which (parent beam, token) pairs continue (``platform.beam_group``).
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -70,6 +70,21 @@ class Continuation:
 
 
 _NEG = -1.0e9  # transformers' "impossible" score offset
+
+
+def beam_ends(tokens: list[int], token: int, *, eos_ids: Collection[int], max_new_tokens: int,
+              stop: Sequence[str], decode: Callable[[list[int]], str]) -> bool:
+    """Whether a beam of ``tokens`` continued by ``token`` ends there: an EOS id (pass none
+    to ignore EOS), the length limit, or its text (``decode``) reaching a stop string."""
+    if token in eos_ids or len(tokens) + 1 >= max_new_tokens:
+        return True
+    return bool(stop) and any(s in decode(tokens + [token]) for s in stop)
+
+
+def cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
+    """``text`` up to its first stop string, and whether one was found."""
+    hits = [i for i in (text.find(s) for s in stop) if i >= 0]
+    return (text[:min(hits)], True) if hits else (text, False)
 
 
 class BeamSearch:

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from promptfleet.platform.beam_search import BeamParams, BeamSearch
+from promptfleet.platform.beam_search import BeamParams, BeamSearch, beam_ends
 from promptfleet.trainer.evaluate import _base, _cache_kwarg, _out_cache, prefill
 
 
@@ -30,9 +30,8 @@ def beam_batch(model: Any, prompts: Sequence[Sequence[int]], *, beam: BeamParams
     searches = [BeamSearch(beam, max_new_tokens=max_new_tokens, n_eos=1) for _ in prompts]
 
     def ends(tokens: list[int], token: int) -> bool:
-        if token == eos_id or len(tokens) + 1 >= max_new_tokens:
-            return True
-        return bool(stop) and any(s in tokenizer.decode(tokens + [token], skip_special_tokens=True) for s in stop)
+        return beam_ends(tokens, token, eos_ids=(eos_id,), max_new_tokens=max_new_tokens, stop=stop,
+                         decode=lambda ids: tokenizer.decode(ids, skip_special_tokens=True))
 
     base = _base(model)
     device = next(base.parameters()).device

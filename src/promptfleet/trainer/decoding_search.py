@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from promptfleet.platform.beam_search import BeamParams
+from promptfleet.platform.beam_search import BeamParams, cut_at_stop
 from promptfleet.trainer.beam_decode import beam_batch
 from promptfleet.trainer.datasets import Example
 from promptfleet.trainer.evaluate import EVAL_BATCH_SIZE, EXTRA_TOKENS, Pick, complete_examples, exact_match
@@ -106,8 +106,7 @@ def beam_texts(model: Any, examples: Sequence[Example], num_beams: int, *, token
         for toks in beam_batch(model, [e.prompt_ids for e in chunk], beam=BeamParams(num_beams), max_new_tokens=budget,
                                eos_id=eos_id, pad_id=pad_id, tokenizer=tokenizer, stop=stop):
             text = tokenizer.decode(toks[:-1] if toks and toks[-1] == eos_id else toks, skip_special_tokens=True)
-            cuts = [i for i in (text.find(s) for s in stop) if i >= 0]
-            texts.append(text[:min(cuts)] if cuts else text)
+            texts.append(cut_at_stop(text, stop)[0])
     return texts
 
 
