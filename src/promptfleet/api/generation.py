@@ -61,6 +61,11 @@ def engine_error(exc: BaseException) -> APIError:
                     code="engine_error")
 
 
+def _cached_delta(hit: CachedCompletion) -> CompletionDelta:
+    """A generation-cache entry as the one, final delta of its choice."""
+    return CompletionDelta(hit.text, [], hit.finish_reason, hit.prompt_tokens, hit.completion_tokens)
+
+
 class Generation:
     def __init__(self, *, engine: Engine, cache: GenerationCache, tenant_id: str, model: ResolvedModel,
                  choices: list[Choice], prompt_tokens: int, beam: BeamParams | None = None) -> None:
@@ -99,23 +104,28 @@ class Generation:
             hit = self.cache.get(self._keys[c.index])
             if hit is not None:
                 self.cache_hits += 1
-                self._ready.append((c.index, CompletionDelta(hit.text, [], hit.finish_reason, hit.prompt_tokens,
-                                                             hit.completion_tokens)))
+                self._ready.append((c.index, _cached_delta(hit)))
             else:
                 self.cache_misses += self._keys[c.index] is not None
                 self._gens[c.index] = self.engine.generate(c.prompt_ids, c.params, self.model.prefix)
-        firsts = await asyncio.gather(*(anext(g) for g in self._gens.values()), return_exceptions=True)
-        if self._gens:
-            self.first_token_at = time.perf_counter()
-        errors = [f for f in firsts if isinstance(f, BaseException)]
-        if errors:
-            await self.aclose()
-            raise engine_error(errors[0])
+        firsts = await self._first_results([anext(g) for g in self._gens.values()])
         self._fresh.update(self._gens)
         for index, first in zip(self._gens, firsts):
             self._ready.append((index, first))
             if first.finish_reason is None:
                 self._pumps.append(asyncio.create_task(self._pump(index, self._gens[index])))
+
+    async def _first_results(self, tasks: list[Awaitable]) -> list:
+        """Await what the engine answers first for each submitted choice (first deltas, or
+        whole beam searches); on any refusal, cancel everything and raise its HTTP error."""
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        if tasks:
+            self.first_token_at = time.perf_counter()
+        errors = [r for r in results if isinstance(r, BaseException)]
+        if errors:
+            await self.aclose()
+            raise engine_error(errors[0])
+        return results
 
     async def _search(self) -> None:
         """One beam search per prompt whose choices are not all cached."""
@@ -127,18 +137,11 @@ class Generation:
         for group, hit in zip(by_prompt, hits):
             if all(h is not None for h in hit):
                 self.cache_hits += len(group)
-                self._ready.extend((c.index, CompletionDelta(h.text, [], h.finish_reason, h.prompt_tokens,
-                                                             h.completion_tokens)) for c, h in zip(group, hit))
+                self._ready.extend((c.index, _cached_delta(h)) for c, h in zip(group, hit))
         self.cache_misses += sum(self._keys[c.index] is not None for group, _ in todo for c in group)
         self._searches = [asyncio.ensure_future(self.engine.beam_search(group[0].prompt_ids, group[0].params, beam,
                                                                         self.model.prefix)) for group, _ in todo]
-        results = await asyncio.gather(*self._searches, return_exceptions=True)
-        if self._searches:
-            self.first_token_at = time.perf_counter()
-        errors = [r for r in results if isinstance(r, BaseException)]
-        if errors:
-            await self.aclose()
-            raise engine_error(errors[0])
+        results = await self._first_results(self._searches)
         for (group, _), beams in zip(todo, results):
             if len(beams) != len(group):
                 raise engine_error(RuntimeError(f"beam search returned {len(beams)} beams for {len(group)} choices"))
