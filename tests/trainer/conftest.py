@@ -170,3 +170,33 @@ def worker_factory(tmp_path: Path, redis_url: str, trainer_settings: Settings):
         worker.stop()
 
 
+
+
+@pytest.fixture(scope="session")
+def llama_checkpoint(tmp_path_factory) -> Path:
+    """A seeded random GQA Llama (3 layers, d=96, 6 query / 2 KV heads)."""
+    from promptfleet.platform.random_checkpoint import make_random_llama_checkpoint
+
+    return make_random_llama_checkpoint(tmp_path_factory.mktemp("llama-train"), shape="llama-small-test", seed=8,
+                                        scale=6.0, num_hidden_layers=3, hidden_size=96, num_attention_heads=6,
+                                        num_key_value_heads=2, intermediate_size=192)
+
+
+@pytest.fixture
+def prompt_learning_model() -> Callable[[Path, str | None], object]:
+    """``make(checkpoint, method)``: the trainer's backbone, wrapped by ``method`` (None: bare)
+    with 5 virtual tokens, its prompt encoder shifted by seeded noise so the adapter matters."""
+    from promptfleet.trainer.backbone import load_backbone, load_tokenizer
+    from promptfleet.trainer.methods import wrap
+
+    def make(checkpoint: Path, method: str | None):
+        model = load_backbone(checkpoint)
+        if method is not None:
+            model = wrap(model, method, num_virtual_tokens=5, init="random", init_text=None,
+                         tokenizer=load_tokenizer(checkpoint), seed=1, encoder_hidden_size=32).eval()
+            with torch.no_grad():  # weights a test can see
+                for p in model.prompt_encoder.parameters():
+                    p.add_(torch.randn_like(p) * 0.5)
+        return model.eval()
+
+    return make

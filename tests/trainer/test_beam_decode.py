@@ -1,28 +1,16 @@
-"""The decoding search's beam search (the engine's algorithm over the trainer's model, full
-forward per step, examples batched) equals transformers' ``generate(num_beams=k)`` on the
+"""The decoding search's beam search (the engine's algorithm over the trainer's model, on
+its KV cache reordered to the parent beams, examples batched) equals transformers' ``generate(num_beams=k)`` on the
 same PEFT model, for GPT-2 and Llama bases and each prompt-learning method."""
 from __future__ import annotations
-
-from pathlib import Path
 
 import pytest
 import torch
 
 from promptfleet.platform.beam_search import BeamParams
-from promptfleet.platform.random_checkpoint import make_random_llama_checkpoint
 from promptfleet.testing.peft import reference_beams
-from promptfleet.trainer.backbone import load_backbone, load_tokenizer
 from promptfleet.trainer.beam_decode import beam_batch
-from promptfleet.trainer.methods import wrap
 
 EOS = 50256
-
-
-@pytest.fixture(scope="module")
-def llama_checkpoint(tmp_path_factory) -> Path:
-    return make_random_llama_checkpoint(tmp_path_factory.mktemp("llama-beams"), shape="llama-small-test", seed=8,
-                                        scale=6.0, num_hidden_layers=3, hidden_size=96, num_attention_heads=6,
-                                        num_key_value_heads=2, intermediate_size=192)
 
 
 # prefix tuning on Llama has no reference: PEFT's no-cache generate grows one prefix cache
@@ -33,16 +21,9 @@ CASES = [("gpt2", None), ("gpt2", "prompt_tuning"), ("gpt2", "p_tuning"), ("gpt2
 
 
 @pytest.mark.parametrize("family, method", CASES)
-def test_beams_equal_transformers_on_the_peft_model(request, llama_checkpoint, family, method):
+def test_beams_equal_transformers_on_the_peft_model(request, llama_checkpoint, prompt_learning_model, family, method):
     ckpt = llama_checkpoint if family == "llama" else request.getfixturevalue("tiny_checkpoint")
-    model = load_backbone(ckpt)
-    if method is not None:
-        model = wrap(model, method, num_virtual_tokens=5, init="random", init_text=None,
-                     tokenizer=load_tokenizer(ckpt), seed=1, encoder_hidden_size=32).eval()
-        with torch.no_grad():
-            for p in model.prompt_encoder.parameters():
-                p.add_(torch.randn_like(p) * 0.5)
-    model.eval()
+    model = prompt_learning_model(ckpt, method)
     gen = torch.Generator().manual_seed(5)
     prompts = [torch.randint(0, 50257, (n,), generator=gen).tolist() for n in (3, 8, 1, 5)]
     got = beam_batch(model, prompts, beam=BeamParams(3), max_new_tokens=6, eos_id=EOS, pad_id=EOS)

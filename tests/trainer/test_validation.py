@@ -14,12 +14,10 @@ import pytest
 import torch
 
 from promptfleet.db import session_scope
-from promptfleet.platform.random_checkpoint import make_random_llama_checkpoint
 from promptfleet.testing.peft import greedy_ids
 from promptfleet.trainer.backbone import load_backbone, load_tokenizer
 from promptfleet.trainer.datasets import DatasetLimits, parse_dataset
 from promptfleet.trainer.evaluate import evaluate, exact_match, greedy_batch
-from promptfleet.trainer.methods import wrap
 from promptfleet.trainer.runner import WorkerContext, run_job
 from promptfleet.trainer.schemas import JobRequest
 from promptfleet.trainer.service import NotFound, create_dataset, get_job, submit_job
@@ -35,25 +33,11 @@ def jsonl(n: int, completion: str, seed: int = 0) -> bytes:
     return ("\n".join(lines) + "\n").encode()
 
 
-@pytest.fixture(scope="module")
-def llama_checkpoint(tmp_path_factory) -> Path:
-    """A seeded random GQA Llama (3 layers, d=96, 6 query / 2 KV heads)."""
-    return make_random_llama_checkpoint(tmp_path_factory.mktemp("llama-train"), shape="llama-small-test", seed=8,
-                                        scale=6.0, num_hidden_layers=3, hidden_size=96, num_attention_heads=6,
-                                        num_key_value_heads=2, intermediate_size=192)
-
-
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 @pytest.mark.parametrize("method", [None, "prompt_tuning", "p_tuning", "prefix_tuning"])
-def test_batched_greedy_equals_the_full_forward(request, llama_checkpoint, family, method):
+def test_batched_greedy_equals_the_full_forward(request, llama_checkpoint, prompt_learning_model, family, method):
     ckpt = llama_checkpoint if family == "llama" else request.getfixturevalue("tiny_checkpoint")
-    model = load_backbone(ckpt)
-    if method is not None:
-        model = wrap(model, method, num_virtual_tokens=5, init="random", init_text=None,
-                     tokenizer=load_tokenizer(ckpt), seed=1, encoder_hidden_size=32).eval()
-        with torch.no_grad():  # weights a test can see
-            for p in model.prompt_encoder.parameters():
-                p.add_(torch.randn_like(p) * 0.5)
+    model = prompt_learning_model(ckpt, method)
     gen = torch.Generator().manual_seed(3)
     prompts = [torch.randint(0, 50257, (n,), generator=gen).tolist() for n in (3, 9, 1, 6, 4)]
     got = greedy_batch(model, prompts, max_new_tokens=7, eos_id=50256, pad_id=50256)
