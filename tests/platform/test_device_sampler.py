@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers.generation.logits_process import (RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
-                                                    TopKLogitsWarper, TopPLogitsWarper)
+from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper
 
 from promptfleet.platform.device_sampler import SamplerPlan
 from promptfleet.platform.sampling import SamplerRow, SamplingParams, filter_rows
 from promptfleet.platform.staging import StepStaging
+from promptfleet.testing.hf_sampling import hf_top_k_top_p
 
 VOCAB = 3000  # several draw blocks, the last one partial
 
@@ -26,11 +26,7 @@ def test_full_sort_nucleus_matches_transformers():
     got = filter_rows(x, torch.tensor(ks), torch.tensor(ps, dtype=torch.float64), max_k=50, any_p=True,
                       exact_sort=True)
     for r in range(4):
-        want = x[r:r + 1].clone()
-        if ks[r]:
-            want = TopKLogitsWarper(top_k=ks[r])(None, want)
-        if ps[r] < 1.0:
-            want = TopPLogitsWarper(top_p=ps[r])(None, want)
+        want = hf_top_k_top_p(x[r:r + 1], ks[r], ps[r])
         assert torch.equal(torch.isinf(got[r]), torch.isinf(want[0])), r
 
 
@@ -41,11 +37,7 @@ def _hf_token(logits: torch.Tensor, history: list[int], p: SamplingParams, u: fl
         x = RepetitionPenaltyLogitsProcessor(p.repetition_penalty)(torch.tensor([history]), x)
     if p.greedy:
         return int(x.argmax())
-    x = TemperatureLogitsWarper(p.temperature)(None, x)
-    if p.top_k:
-        x = TopKLogitsWarper(p.top_k)(None, x)
-    if p.top_p < 1.0:
-        x = TopPLogitsWarper(p.top_p)(None, x)
+    x = hf_top_k_top_p(TemperatureLogitsWarper(p.temperature)(None, x), p.top_k, p.top_p)
     cdf = x.softmax(-1)[0].double().cumsum(0)
     return int(torch.searchsorted(cdf, u * cdf[-1], right=True))
 

@@ -8,6 +8,7 @@ from transformers.generation.logits_process import (RepetitionPenaltyLogitsProce
 
 from promptfleet.platform.sampling import (SamplerRow, SamplingParams, apply_repetition_penalty, draw,
                                            filter_top_k_top_p, sample)
+from promptfleet.testing.hf_sampling import hf_top_k_top_p
 
 
 @pytest.fixture
@@ -36,11 +37,7 @@ def test_batched_filter_matches_transformers_row_by_row():
     ks, ps = [0, 5, 50, 0, 1, 20], [1.0, 1.0, 0.9, 0.5, 0.3, 0.95]
     got = filter_top_k_top_p(x, ks, ps)
     for r in range(6):
-        want = x[r:r + 1].clone()
-        if ks[r]:
-            want = TopKLogitsWarper(top_k=ks[r])(None, want)
-        if ps[r] < 1.0:
-            want = TopPLogitsWarper(top_p=ps[r])(None, want)
+        want = hf_top_k_top_p(x[r:r + 1], ks[r], ps[r])
         assert torch.equal(torch.isinf(got[r]), torch.isinf(want[0])), r
     assert not torch.isinf(x).any()  # the input is left alone
 
