@@ -4,7 +4,7 @@ The engine's own algorithm (``platform.beam_search.BeamSearch``: transformers' b
 step for step) drives the trained model here, so a beam setting is scored on validation
 data with the beams the server will serve. A batch of examples runs as ``examples x k``
 rows: one prefill of every prompt in the layout PEFT's own forward uses
-(``evaluate.prefill``: virtual tokens or the prefix K/V, then the left-padded prompt, right
+(``evaluate.CachedDecoder``: virtual tokens or the prefix K/V, then the left-padded prompt, right
 for prompt tuning, P-tuning and prefix tuning alike), then one token per row per step on
 the KV cache, reordered to each step's parent beams (rows stay within their example). A
 beam also ends where its text reaches a stop string.
@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from promptfleet.platform.beam_search import BeamParams, BeamSearch, beam_ends
-from promptfleet.trainer.evaluate import _base, _cache_kwarg, _out_cache, prefill
+from promptfleet.trainer.evaluate import CachedDecoder
 
 
 @torch.no_grad()
@@ -33,14 +33,10 @@ def beam_batch(model: Any, prompts: Sequence[Sequence[int]], *, beam: BeamParams
         return beam_ends(tokens, token, eos_ids=(eos_id,), max_new_tokens=max_new_tokens, stop=stop,
                          decode=lambda ids: tokenizer.decode(ids, skip_special_tokens=True))
 
-    base = _base(model)
-    device = next(base.parameters()).device
-    out, mask = prefill(model, [p for p in prompts for _ in range(k)], pad_id=pad_id)
-    cache, logits = _out_cache(out), out.logits[:, -1]
-    next_pos = mask.sum(1, keepdim=True)
+    decoder = CachedDecoder(model, [p for p in prompts for _ in range(k)], pad_id=pad_id)
     first = True
     while True:
-        log_probs = torch.log_softmax(logits.float(), dim=-1).cpu()
+        log_probs = torch.log_softmax(decoder.logits.float(), dim=-1).cpu()
         tokens = torch.zeros(len(prompts) * k, dtype=torch.long)
         order = torch.arange(len(prompts) * k)  # the row each row's cache comes from (finished: itself)
         for e, search in enumerate(searches):
@@ -55,10 +51,6 @@ def beam_batch(model: Any, prompts: Sequence[Sequence[int]], *, beam: BeamParams
         first = False
         if all(s.done for s in searches):
             break
-        cache.reorder_cache(order.to(device))
-        mask = torch.cat([mask, torch.ones((mask.shape[0], 1), dtype=mask.dtype, device=device)], dim=1)
-        out = base(input_ids=tokens[:, None].to(device), attention_mask=mask, position_ids=next_pos, use_cache=True,
-                   logits_to_keep=1, **{_cache_kwarg(base): cache})
-        cache, logits = _out_cache(out), out.logits[:, -1]
-        next_pos = next_pos + 1
+        decoder.cache.reorder_cache(order.to(decoder.device))
+        decoder.step(tokens)
     return [s.results()[0].tokens for s in searches]

@@ -129,32 +129,47 @@ def prefill(model: Any, prompts: Sequence[Sequence[int]], *, pad_id: int,
     return base(attention_mask=full_mask, position_ids=step_positions, **kwargs), full_mask
 
 
+class CachedDecoder:
+    """``model`` over ``prompts`` (one ``prefill``), then one new token per row per step on
+    its KV cache: ``logits`` holds each row's last logits, ``cache`` may be reordered
+    between steps (beam search)."""
+
+    def __init__(self, model: Any, prompts: Sequence[Sequence[int]], *, pad_id: int) -> None:
+        self.base = _base(model)
+        self.device = next(self.base.parameters()).device
+        out, self.mask = prefill(model, prompts, pad_id=pad_id)
+        self.cache, self.logits = _out_cache(out), out.logits[:, -1]
+        self.next_pos = self.mask.sum(1, keepdim=True)  # n_virtual + own prompt length
+
+    def step(self, tokens: torch.Tensor) -> None:
+        """Feed one token per row (``[rows]``)."""
+        ones = torch.ones((self.mask.shape[0], 1), dtype=self.mask.dtype, device=self.device)
+        self.mask = torch.cat([self.mask, ones], dim=1)
+        out = self.base(input_ids=tokens[:, None].to(self.device), attention_mask=self.mask,
+                        position_ids=self.next_pos, use_cache=True, logits_to_keep=1,
+                        **{_cache_kwarg(self.base): self.cache})
+        self.cache, self.logits = _out_cache(out), out.logits[:, -1]
+        self.next_pos = self.next_pos + 1
+
+
 @torch.no_grad()
 def decode_batch(model: Any, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, eos_id: int, pad_id: int,
                  pick: Pick = argmax_pick) -> list[list[int]]:
     """Completions of ``prompts`` under ``model``, each next token chosen by ``pick`` from the
     last logits and what each row generated so far (greedy by default)."""
-    base = _base(model)
-    device = next(base.parameters()).device
-    rows, cache_kw = len(prompts), _cache_kwarg(base)
-    out, full_mask = prefill(model, prompts, pad_id=pad_id)
-    cache, logits = _out_cache(out), out.logits[:, -1]
-    next_pos = full_mask.sum(1, keepdim=True)  # n_virtual + own prompt length
-    done = torch.zeros(rows, dtype=torch.bool, device=device)
+    decoder = CachedDecoder(model, prompts, pad_id=pad_id)
+    rows = len(prompts)
+    done = torch.zeros(rows, dtype=torch.bool, device=decoder.device)
     tokens: list[list[int]] = [[] for _ in range(rows)]
     for step in range(max_new_tokens):
-        token = pick(logits, tokens)
+        token = pick(decoder.logits, tokens)
         for r in range(rows):
             if not done[r]:
                 tokens[r].append(int(token[r]))
         done |= token == eos_id
         if bool(done.all()) or step == max_new_tokens - 1:
             break
-        full_mask = torch.cat([full_mask, torch.ones((rows, 1), dtype=torch.long, device=device)], dim=1)
-        out = base(input_ids=token[:, None], attention_mask=full_mask, position_ids=next_pos,
-                   use_cache=True, logits_to_keep=1, **{cache_kw: cache})
-        cache, logits = _out_cache(out), out.logits[:, -1]
-        next_pos = next_pos + 1
+        decoder.step(token)
     return tokens
 
 
